@@ -1,0 +1,90 @@
+"""Small HTTP helpers shared by every route: JSON answers, bounded body reading, errors."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from protocol.errors import (
+    BadRequest,
+    BodyTooLarge,
+    InternalError,
+    MethodNotAllowed,
+    OrthancError,
+    UnknownResource,
+)
+
+log = logging.getLogger(__name__)
+
+_PRETTY = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
+
+
+def json_answer(value: Any, *, compact: bool = False, status: int = 200) -> Response:
+    """A JSON answer; keys sorted like jsoncpp, pretty unless `compact` (lookup answers)."""
+    body = orjson.dumps(value, option=orjson.OPT_SORT_KEYS if compact else _PRETTY)
+    return Response(body, status_code=status, media_type="application/json")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole request body, refused with 413 as soon as it exceeds `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise BodyTooLarge(f"The body has {declared} bytes, the limit is {limit} bytes")
+        except ValueError:
+            raise BadRequest(f"Bad Content-Length header: {declared!r}") from None
+    chunks = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise BodyTooLarge(f"The body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The body is not valid JSON: {exc}") from None
+
+
+def error_answer(request: Request, error: OrthancError, describe: bool = True) -> Response:
+    """Orthanc's error answer. A 405 has an empty body and `Allow`, like the real server."""
+    headers = dict(error.headers)
+    if isinstance(error, MethodNotAllowed) or not describe:
+        return Response(b"", status_code=error.http_status, headers=headers)
+    body = orjson.dumps(error.as_json(request.method, request.url.path), option=_PRETTY)
+    return Response(body, status_code=error.http_status, headers=headers, media_type="application/json")
+
+
+async def handle_orthanc_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, OrthancError)
+    if exc.http_status >= 500:
+        log.error("%s %s failed: %s", request.method, request.url.path, exc)
+    return error_answer(request, exc, request.app.state.describe_errors)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (no route, wrong method) in Orthanc's shape."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        allow = ", ".join(m for m in (exc.headers or {}).get("Allow", "").split(", ") if m != "HEAD")
+        return error_answer(request, MethodNotAllowed(headers={"Allow": allow}))
+    if exc.status_code == 404:
+        return error_answer(request, UnknownResource(), request.app.state.describe_errors)
+    error = OrthancError(str(exc.detail))
+    error.http_status = exc.status_code
+    return error_answer(request, error, request.app.state.describe_errors)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("%s %s crashed", request.method, request.url.path)
+    return error_answer(request, InternalError(f"{type(exc).__name__}: {exc}"))

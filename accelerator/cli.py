@@ -1,0 +1,98 @@
+"""Command line: `accelerator serve | import | --version`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+
+from accelerator import __version__
+from protocol.errors import AcceleratorError
+
+log = logging.getLogger("accelerator")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # odd-but-readable files are not our news
+    warnings.filterwarnings("ignore", module="pydicom")
+    try:
+        return args.run(args)
+    except AcceleratorError as exc:
+        print(f"accelerator: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="accelerator",
+        description="Move DICOM studies between sites with the Orthanc Transfers Accelerator protocol.",
+    )
+    parser.add_argument("--version", action="version", version=f"accelerator {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    serve.add_argument("config", nargs="?", help="configuration file or folder (default: embedded defaults)")
+    serve.add_argument("--upgrade", action="store_true", help="upgrade an index of an older schema in place")
+    serve.add_argument("--verbose", action="store_true", help="debug logging and an access log")
+    serve.set_defaults(run=_serve)
+
+    imp = commands.add_parser("import", help="upload DICOM files and folders to a running daemon")
+    imp.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (walked recursively)")
+    imp.add_argument("--url", default="http://127.0.0.1:8042", help="daemon URL (default: %(default)s)")
+    imp.add_argument("--username", default="", help="HTTP Basic user")
+    imp.add_argument("--password", default="", help="HTTP Basic password")
+    imp.add_argument("--jobs", type=int, default=4, help="parallel uploads (default: %(default)s)")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    imp.set_defaults(run=_import)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from accelerator.api.app import create_app, open_store
+    from accelerator.config import load_config
+
+    config = load_config(args.config)
+    for key in config.unknown_keys:
+        log.warning("ignoring unknown configuration option %r", key)
+    store = open_store(config, upgrade=args.upgrade)
+    log.info(
+        "storage %s, index %s, listening on %s:%d",
+        config.storage_directory, store.index.path, config.http_bind_address or "0.0.0.0", config.http_port,
+    )
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(config, store),
+        host=config.http_bind_address or "0.0.0.0",
+        port=config.http_port,
+        log_level="debug" if args.verbose else "warning",
+        access_log=args.verbose,
+        timeout_keep_alive=max(5, config.http_timeout),
+    ))
+    server.run()
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from accelerator.importer import import_paths
+
+    summary = import_paths(
+        args.paths, url=args.url, auth=(args.username, args.password) if args.username else None,
+        jobs=max(1, args.jobs), progress=not args.no_progress,
+    )
+    print(summary.describe())
+    return 1 if summary.failed else 0

@@ -1,0 +1,637 @@
+"""Orthanc-style configuration: read once at start-up, validated once, then immutable.
+
+Users point accelerator at the configuration of a real Orthanc (spec section 11), so the file
+format and option names are Orthanc's:
+
+* JSON with `//` line comments and `/* */` block comments (never inside strings, so
+  `"http://host"` survives);
+* `${VAR}` and `${VAR:-default}` environment references, substituted in the *text* before JSON
+  parsing as Orthanc does, so a reference outside quotes can become a number or a boolean
+  (`"HttpPort": ${PORT:-8042}`). Inside quotes the variable's value is JSON-escaped (a Windows
+  path with backslashes stays one string), while a default is copied as written (it is already
+  JSON text). `:-` uses the default when the variable is unset *or empty*, like the shell. A
+  reference without default to an unset variable is an error naming the variable and the key.
+  References inside comments are ignored;
+* a folder instead of a file means every `*.json` in it, sorted by name, merged at the top level;
+  the same top-level key in two files is an error (Orthanc refuses it too).
+
+Every option we use is validated here and nowhere else: an error names the key path and the
+expected value (`Transfers.BucketSize: expected an integer >= 1, got 0`). Unknown keys are not
+fatal, because a real Orthanc configuration carries many options we have no use for: those in
+`IGNORED_ORTHANC_OPTIONS` are dropped silently, the others are returned in `Config.unknown_keys`
+for the caller to warn about.
+
+Our extensions to Orthanc's options: `HttpBindAddress` (address the HTTP server binds; "" means
+all interfaces) and `MaximumRequestBodySize` (MiB; larger request bodies get HTTP 413).
+`Transfers.MaxHttpRetries` defaults to 3 (the plugin's default is 0): over real links a single
+dropped connection should not fail a whole transfer.
+
+The defaults live only in the `_OPTIONS` and `_TRANSFERS_OPTIONS` tables below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from protocol.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "Peer",
+    "TransfersConfig",
+    "IGNORED_ORTHANC_OPTIONS",
+    "DEFAULTS",
+    "TRANSFERS_DEFAULTS",
+    "load_config",
+    "config_from_dict",
+    "parse_config_text",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Result types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransfersConfig:
+    """The `Transfers` section (spec 11.1); sizes in the units of the file, bytes via properties."""
+
+    threads: int
+    bucket_size: int  # KiB
+    cache_size: int  # MiB
+    max_push_transactions: int
+    max_http_retries: int
+    peer_connectivity_timeout: int  # seconds
+    peer_commit_timeout: int  # seconds
+    commit_threads_count: int
+
+    @property
+    def bucket_size_bytes(self) -> int:
+        return self.bucket_size * 1024
+
+    @property
+    def cache_size_bytes(self) -> int:
+        return self.cache_size * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One `OrthancPeers` entry (spec 2.2 and 11.3), normalised from either form.
+
+    Secrets and headers are left out of `repr()` so that logging a configuration leaks nothing.
+    """
+
+    name: str
+    url: str  # always ends with "/"
+    username: str = ""
+    password: str = field(default="", repr=False)
+    http_headers: dict[str, str] = field(default_factory=dict, repr=False)
+    certificate_file: str = ""
+    certificate_key_file: str = ""
+    certificate_key_password: str = field(default="", repr=False)
+    pkcs11: bool = False
+    timeout: int = 0  # seconds; 0 = the global HttpTimeout
+    properties: dict[str, str] = field(default_factory=dict)  # user properties (RemoteSelf, ...)
+
+    @property
+    def remote_self(self) -> str | None:
+        """Name under which the peer knows us; set means "send" is done bidirectionally (8.3)."""
+        return self.properties.get("RemoteSelf")
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        """Orthanc sends Basic auth only when both username and password are non-empty."""
+        if self.username and self.password:
+            return (self.username, self.password)
+        return None
+
+    def effective_timeout(self, global_timeout: int) -> int:
+        """The peer's own `Timeout` if set, else the global `HttpTimeout` (spec 2.2)."""
+        return self.timeout if self.timeout > 0 else global_timeout
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration; build it with `load_config` or `config_from_dict`."""
+
+    name: str
+    http_port: int
+    http_bind_address: str  # "" = all interfaces (our extension)
+    storage_directory: str  # absolute
+    index_directory: str  # absolute; defaults to storage_directory
+    storage_compression: bool
+    overwrite_instances: bool
+    remote_access_allowed: bool
+    authentication_enabled: bool
+    registered_users: dict[str, str] = field(repr=False)
+    maximum_request_body_size: int  # MiB (our extension)
+    http_timeout: int  # seconds
+    https_verify_peers: bool
+    https_ca_certificates: str
+    http_proxy: str
+    concurrent_jobs: int
+    jobs_history_size: int
+    save_jobs: bool
+    dicom_aet: str
+    dicom_port: int
+    http_describe_errors: bool
+    orthanc_peers: dict[str, Peer]
+    transfers: TransfersConfig
+    unknown_keys: tuple[str, ...] = ()
+    source: str = "<defaults>"
+
+    @classmethod
+    def defaults(cls) -> "Config":
+        """The configuration used when no file is given (same as `load_config(None)`)."""
+        return config_from_dict({}, source="<defaults>")
+
+    @property
+    def maximum_request_body_bytes(self) -> int:
+        return self.maximum_request_body_size * 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Validators: each takes (value, key path) and returns the normalised value or raises
+# --------------------------------------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written in JSON, shortened: error messages quote the user's input."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _fail(path: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{path}: expected {expected}, got {_show(value)}")
+
+
+def _is_int(value: Any) -> bool:
+    # JSON integers only: Python's bool is an int subclass, floats (even 4.0) are not integers.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any, str], int]:
+    if maximum is None:
+        expected = f"an integer >= {minimum}"
+    else:
+        expected = f"an integer from {minimum} to {maximum}"
+
+    def check(value: Any, path: str) -> int:
+        if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+            raise _fail(path, expected, value)
+        return value
+
+    return check
+
+
+def _boolean(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(path, "true or false", value)
+    return value
+
+
+def _string(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(path, "a string", value)
+    return value
+
+
+def _nonempty_string(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _fail(path, "a non-empty string", value)
+    return value
+
+
+def _string_map(value: Any, path: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _fail(path, "an object of strings", value)
+    for key, item in value.items():
+        _string(item, f"{path}.{key}")
+    return dict(value)
+
+
+def _object(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(path, "an object", value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Option tables: the single source of names, defaults and checks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Option:
+    key: str  # Orthanc name
+    attr: str  # Config / TransfersConfig field
+    default: Any  # None = derived from other options (see _build)
+    check: Callable[[Any, str], Any]
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option("Name", "name", "accelerator", _string),
+    _Option("HttpPort", "http_port", 8042, _integer(1, 65535)),
+    _Option("HttpBindAddress", "http_bind_address", "", _string),
+    _Option("StorageDirectory", "storage_directory", "OrthancStorage", _nonempty_string),
+    _Option("IndexDirectory", "index_directory", None, _nonempty_string),
+    _Option("StorageCompression", "storage_compression", False, _boolean),
+    _Option("OverwriteInstances", "overwrite_instances", False, _boolean),
+    _Option("RemoteAccessAllowed", "remote_access_allowed", False, _boolean),
+    _Option("AuthenticationEnabled", "authentication_enabled", None, _boolean),
+    _Option("RegisteredUsers", "registered_users", {}, _string_map),
+    _Option("MaximumRequestBodySize", "maximum_request_body_size", 4096, _integer(1)),
+    _Option("HttpTimeout", "http_timeout", 60, _integer(0)),
+    _Option("HttpsVerifyPeers", "https_verify_peers", True, _boolean),
+    _Option("HttpsCACertificates", "https_ca_certificates", "", _string),
+    _Option("HttpProxy", "http_proxy", "", _string),
+    _Option("ConcurrentJobs", "concurrent_jobs", 2, _integer(1)),
+    _Option("JobsHistorySize", "jobs_history_size", 10, _integer(0)),
+    _Option("SaveJobs", "save_jobs", True, _boolean),
+    _Option("DicomAet", "dicom_aet", "ORTHANC", _string),
+    _Option("DicomPort", "dicom_port", 4242, _integer(1, 65535)),
+    _Option("HttpDescribeErrors", "http_describe_errors", True, _boolean),
+)
+
+_TRANSFERS_OPTIONS: tuple[_Option, ...] = (
+    _Option("Threads", "threads", 4, _integer(1)),
+    _Option("BucketSize", "bucket_size", 4096, _integer(1)),
+    _Option("CacheSize", "cache_size", 512, _integer(1)),
+    _Option("MaxPushTransactions", "max_push_transactions", 4, _integer(1)),
+    _Option("MaxHttpRetries", "max_http_retries", 3, _integer(0)),
+    _Option("PeerConnectivityTimeout", "peer_connectivity_timeout", 2, _integer(1)),
+    _Option("PeerCommitTimeout", "peer_commit_timeout", 600, _integer(1)),
+    _Option("CommitThreadsCount", "commit_threads_count", 1, _integer(1)),
+)
+
+#: Orthanc name -> default; None means derived (IndexDirectory, AuthenticationEnabled).
+DEFAULTS: Mapping[str, Any] = {o.key: o.default for o in _OPTIONS}
+TRANSFERS_DEFAULTS: Mapping[str, int] = {o.key: o.default for o in _TRANSFERS_OPTIONS}
+
+#: Orthanc (core and common plugins) options that do not apply to us: accepted without warning so
+#: that the configuration of a real Orthanc can be reused as is.
+IGNORED_ORTHANC_OPTIONS: tuple[str, ...] = (
+    "AcceptedSopClasses", "AcceptedTransferSyntaxes", "Authorization",
+    "BuiltinDecoderTranscoderOrder", "CaseSensitivePN", "CheckRevisions",
+    "DatabaseServerIdentifier", "DefaultEncoding", "DefaultPrivateCreator", "DeidentifyLogs",
+    "DeidentifyLogsDicomVersion",
+    "DelayedDeletion", "Dictionary", "DicomAlwaysAllowEcho", "DicomAlwaysAllowFind",
+    "DicomAlwaysAllowFindWorklist", "DicomAlwaysAllowGet", "DicomAlwaysAllowMove",
+    "DicomAlwaysAllowStore", "DicomAssociationCloseDelay", "DicomCheckCalledAet",
+    "DicomCheckModalityHost", "DicomEchoChecksFind", "DicomLossyTranscodingQuality",
+    "DicomModalities", "DicomModalitiesInDatabase", "DicomScpTimeout",
+    "DicomScuPreferredTransferSyntax", "DicomScuTimeout", "DicomServerEnabled",
+    "DicomThreadsCount", "DicomTlsCertificate", "DicomTlsCiphersAccepted", "DicomTlsEnabled",
+    "DicomTlsMinimumProtocolVersion", "DicomTlsPrivateKey", "DicomTlsRemoteCertificateRequired",
+    "DicomTlsTrustedCertificates", "DicomWeb", "ExecuteLuaEnabled", "ExtraMainDicomTags",
+    "Gdcm", "Housekeeper", "HttpCompressionEnabled", "HttpRequestTimeout", "HttpServerEnabled",
+    "HttpThreadsCount", "HttpVerbose", "IngestTranscoding", "IngestTranscodingOfCompressed",
+    "IngestTranscodingOfUncompressed", "KeepAlive", "KeepAliveTimeout", "LimitFindInstances",
+    "LimitFindResults", "LoadPrivateDictionary", "LogExportedResources", "LuaHeartBeatPeriod",
+    "LuaScripts", "MallocArenaMax", "MaximumPatientCount", "MaximumPduLength",
+    "MaximumStorageCacheSize", "MaximumStorageMode", "MaximumStorageSize", "MediaArchiveSize",
+    "MetricsEnabled", "MySQL", "Odbc", "OrthancExplorer2", "OrthancExplorerEnabled",
+    "OrthancPeersInDatabase", "Plugins", "PostgreSQL", "PythonScript", "PythonVerbose",
+    "QueryRetrieveSize", "ReadOnly", "RejectedSopClasses", "RestApiWriteToFileSystemEnabled",
+    "SslAcceptedCiphers", "SslCertificate", "SslEnabled", "SslMinimumProtocolVersion",
+    "SslTrustedClientCertificates", "SslVerifyPeers", "StableAge", "StorageAccessOnFind",
+    "StorageCommitmentReportsSize", "StoreDicom", "StoreMD5ForAttachments", "StoneWebViewer",
+    "StrictAetComparison", "SyncStorageArea", "SynchronousCMove", "SynchronousZipStream",
+    "TcpNoDelay", "TemporaryDirectory", "TranscodeDicomProtocol", "UnknownSopClassAccepted",
+    "UserContentType", "UserMetadata", "Warnings", "WebDavDeleteAllowed", "WebDavEnabled",
+    "WebDavUploadAllowed", "Worklists", "ZipLoaderThreads",
+)
+
+_KNOWN_KEYS = frozenset(o.key for o in _OPTIONS) | {"OrthancPeers", "Transfers"}
+_IGNORED_KEYS = frozenset(IGNORED_ORTHANC_OPTIONS) - _KNOWN_KEYS
+
+
+# --------------------------------------------------------------------------------------------
+# OrthancPeers (spec 11.3)
+# --------------------------------------------------------------------------------------------
+
+_PEER_STRING_KEYS = {
+    "Username": "username",
+    "Password": "password",
+    "CertificateFile": "certificate_file",
+    "CertificateKeyFile": "certificate_key_file",
+    "CertificateKeyPassword": "certificate_key_password",
+}
+_PEER_RESERVED = {"Url", "URL", "HttpHeaders", "Pkcs11", "Timeout", *_PEER_STRING_KEYS}
+_URL_EXPECTED = "a URL starting with http:// or https://"
+
+
+def _peer_url(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not re.match(r"https?://[^/]", value):
+        raise _fail(path, _URL_EXPECTED, value)
+    return value if value.endswith("/") else value + "/"
+
+
+def _parse_peer(name: str, entry: Any, path: str) -> Peer:
+    if isinstance(entry, list):
+        if len(entry) not in (1, 3):
+            raise ConfigError(
+                f"{path}: expected [url] or [url, username, password], "
+                f"got a list of {len(entry)} elements"
+            )
+        url = _peer_url(entry[0], f"{path}[0]")
+        if len(entry) == 1:
+            return Peer(name=name, url=url)
+        username = _string(entry[1], f"{path}[1]")
+        password = _string(entry[2], f"{path}[2]")
+        return Peer(name=name, url=url, username=username, password=password)
+
+    if not isinstance(entry, dict):
+        raise _fail(path, "[url], [url, username, password] or an object", entry)
+
+    # Orthanc reads "Url" first and falls back to "URL".
+    url_key = "Url" if "Url" in entry else "URL" if "URL" in entry else None
+    if url_key is None:
+        raise ConfigError(f"{path}.Url: missing (expected {_URL_EXPECTED})")
+    kwargs: dict[str, Any] = {"url": _peer_url(entry[url_key], f"{path}.{url_key}")}
+    for key, attr in _PEER_STRING_KEYS.items():
+        if key in entry:
+            kwargs[attr] = _string(entry[key], f"{path}.{key}")
+    if "HttpHeaders" in entry:
+        kwargs["http_headers"] = _string_map(entry["HttpHeaders"], f"{path}.HttpHeaders")
+    if "Pkcs11" in entry:
+        kwargs["pkcs11"] = _boolean(entry["Pkcs11"], f"{path}.Pkcs11")
+    if "Timeout" in entry:
+        kwargs["timeout"] = _integer(0)(entry["Timeout"], f"{path}.Timeout")
+    if (kwargs.get("certificate_key_file") or kwargs.get("certificate_key_password")) and not (
+        kwargs.get("certificate_file")
+    ):
+        raise ConfigError(f"{path}.CertificateFile: required when a certificate key is given")
+
+    properties: dict[str, str] = {}
+    for key, value in entry.items():
+        if key in _PEER_RESERVED:
+            continue
+        # Orthanc's user properties: strings as is, booleans "1"/"0", integers in decimal.
+        if isinstance(value, bool):
+            properties[key] = "1" if value else "0"
+        elif _is_int(value):
+            properties[key] = str(value)
+        elif isinstance(value, str):
+            properties[key] = value
+        else:
+            raise _fail(f"{path}.{key}", "a string, a boolean or an integer (user property)", value)
+    return Peer(name=name, properties=properties, **kwargs)
+
+
+def _parse_peers(value: Any, path: str) -> dict[str, Peer]:
+    if not isinstance(value, dict):
+        raise _fail(path, "an object of peers", value)
+    peers: dict[str, Peer] = {}
+    for name, entry in value.items():
+        if not name:
+            raise ConfigError(f"{path}: a peer name must not be empty")
+        peers[name] = _parse_peer(name, entry, f"{path}.{name}")
+    return peers
+
+
+# --------------------------------------------------------------------------------------------
+# Building a Config from a parsed mapping
+# --------------------------------------------------------------------------------------------
+
+
+def config_from_dict(
+    mapping: Mapping[str, Any],
+    base_dir: str | os.PathLike[str] | None = None,
+    *,
+    source: str = "<dict>",
+) -> Config:
+    """Validate an already parsed configuration (Orthanc option names) into a `Config`.
+
+    Relative directories are resolved against `base_dir`, or the current directory if None.
+    Used by `load_config` and by code and tests that build configurations in memory.
+    """
+    return _build(mapping, base_dir, source, origins=None)
+
+
+def _build(
+    mapping: Mapping[str, Any],
+    base_dir: str | os.PathLike[str] | None,
+    source: str,
+    origins: Mapping[str, str] | None,
+) -> Config:
+    if not isinstance(mapping, Mapping):
+        raise _fail("(top level)", "an object", mapping)
+
+    def where(key: str) -> str:
+        # Name the file an option came from when it was read from a folder of files.
+        return f" (in {origins[key]})" if origins and key in origins else ""
+
+    values: dict[str, Any] = {}
+    for option in _OPTIONS:
+        if option.key in mapping:
+            try:
+                values[option.attr] = option.check(mapping[option.key], option.key)
+            except ConfigError as error:
+                raise ConfigError(f"{error}{where(option.key)}") from None
+        else:
+            values[option.attr] = option.default
+
+    base = Path(base_dir) if base_dir is not None else Path(os.getcwd())
+    values["storage_directory"] = os.path.abspath(base / values["storage_directory"])
+    if values["index_directory"] is None:
+        values["index_directory"] = values["storage_directory"]
+    else:
+        values["index_directory"] = os.path.abspath(base / values["index_directory"])
+    if values["authentication_enabled"] is None:
+        # Orthanc's rule: a server reachable from other hosts asks for credentials by default.
+        values["authentication_enabled"] = values["remote_access_allowed"]
+    values["registered_users"] = dict(values["registered_users"])
+
+    unknown = [k for k in mapping if k not in _KNOWN_KEYS and k not in _IGNORED_KEYS]
+
+    try:
+        values["orthanc_peers"] = _parse_peers(mapping.get("OrthancPeers", {}), "OrthancPeers")
+    except ConfigError as error:
+        raise ConfigError(f"{error}{where('OrthancPeers')}") from None
+
+    try:
+        transfers = _object(mapping.get("Transfers", {}), "Transfers")
+        transfer_values = {
+            o.attr: o.check(transfers[o.key], f"Transfers.{o.key}") if o.key in transfers
+            else o.default
+            for o in _TRANSFERS_OPTIONS
+        }
+    except ConfigError as error:
+        raise ConfigError(f"{error}{where('Transfers')}") from None
+    known_transfers = {o.key for o in _TRANSFERS_OPTIONS}
+    unknown += [f"Transfers.{k}" for k in transfers if k not in known_transfers]
+    values["transfers"] = TransfersConfig(**transfer_values)
+
+    return Config(**values, unknown_keys=tuple(unknown), source=source)
+
+
+# --------------------------------------------------------------------------------------------
+# Text: comments and ${VAR} substitution, in one pass that knows where strings are
+# --------------------------------------------------------------------------------------------
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _line_of(text: str, index: int) -> int:
+    return text.count("\n", 0, index) + 1
+
+
+def _preprocess(text: str, environ: Mapping[str, str], source: str) -> str:
+    """Drop comments and substitute variables outside comments; knows the key path of each spot.
+
+    A small JSON structure tracker (stack of objects/arrays, current key) runs alongside so that
+    an unset variable can be reported with the option it was meant for.
+    """
+    out: list[str] = []
+    # Each frame: [is_object, current key or array index, expecting a key]
+    stack: list[list[Any]] = []
+
+    def path(in_key: bool = False) -> str:
+        frames = stack[:-1] if in_key and stack else stack
+        parts: list[str] = []
+        for is_object, label, _ in frames:
+            if is_object:
+                if label is not None:
+                    parts.append(("." if parts else "") + str(label))
+            else:
+                parts.append(f"[{label}]")
+        return "".join(parts) or "(top level)"
+
+    def substitute(match: re.Match[str], start: int, in_string: bool, in_key: bool) -> str:
+        name, default = match.group(1), match.group(2)
+        value = environ.get(name)
+        if default is not None and not value:
+            return default  # copied as written: it is already JSON text
+        if value is None:
+            raise ConfigError(
+                f"{source}: {path(in_key)}: environment variable {name} is not set "
+                f"(line {_line_of(text, start + match.start())}; "
+                f"write ${{{name}:-default}} to give a default)"
+            )
+        return json.dumps(value, ensure_ascii=False)[1:-1] if in_string else value
+
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            if j >= n:  # unterminated string: let the JSON parser report it
+                out.append(text[i:])
+                break
+            raw = text[i : j + 1]
+            in_key = bool(stack) and stack[-1][0] and stack[-1][2]
+            out.append(_VARIABLE.sub(lambda m: substitute(m, i, True, in_key), raw))
+            if in_key:
+                try:
+                    stack[-1][1] = json.loads(raw)
+                except ValueError:
+                    stack[-1][1] = raw[1:-1]
+            i = j + 1
+        elif text.startswith("//", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j  # keep the newline: JSON errors keep their line numbers
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            if j < 0:
+                raise ConfigError(f"{source}: unterminated /* comment at line {_line_of(text, i)}")
+            out.append("".join(ch if ch == "\n" else " " for ch in text[i : j + 2]))
+            i = j + 2
+        elif c == "$" and (match := _VARIABLE.match(text, i)):
+            out.append(substitute(match, 0, False, False))
+            i = match.end()
+        else:
+            if c == "{":
+                stack.append([True, None, True])
+            elif c == "[":
+                stack.append([False, 0, False])
+            elif c in "}]":
+                if stack:
+                    stack.pop()
+            elif c == ":" and stack:
+                stack[-1][2] = False
+            elif c == "," and stack:
+                if stack[-1][0]:
+                    stack[-1][2] = True
+                else:
+                    stack[-1][1] += 1
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_config_text(
+    text: str, environ: Mapping[str, str] | None = None, source: str = "<text>"
+) -> dict[str, Any]:
+    """Parse one Orthanc-style JSON document (comments, `${VAR}`) into its top-level object."""
+    env = os.environ if environ is None else environ
+    cleaned = _preprocess(text.lstrip("\ufeff"), env, source)
+    try:
+        document = json.loads(cleaned, parse_constant=_reject_constant)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{source}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}"
+        ) from None
+    except ValueError as error:
+        raise ConfigError(f"{source}: invalid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: expected a JSON object at the top level")
+    return document
+
+
+def _read_file(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the configuration file: {error}") from None
+    return parse_config_text(text, environ, str(path))
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Load, merge and validate the configuration at `path` (a file, a folder, or None).
+
+    `environ` (default `os.environ`) feeds `${VAR}` references. Relative directories are resolved
+    against the current working directory now, like Orthanc, so a later chdir changes nothing.
+    """
+    if path is None:
+        return Config.defaults()
+    env = os.environ if environ is None else environ
+    location = Path(path)
+    if location.is_dir():
+        files = sorted(p for p in location.iterdir() if p.suffix == ".json" and p.is_file())
+        if not files:
+            raise ConfigError(f"{location}: no *.json configuration file in this folder")
+    elif location.exists():
+        files = [location]
+    else:
+        raise ConfigError(f"{location}: no such configuration file or folder")
+
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for file in files:
+        for key, value in _read_file(file, env).items():
+            if key in origins:
+                raise ConfigError(
+                    f"{key}: the option is defined in two configuration files: "
+                    f"{origins[key]} and {file}"
+                )
+            merged[key] = value
+            origins[key] = str(file)
+    return _build(merged, None, str(location), origins=origins)

@@ -1,0 +1,156 @@
+"""The store facade: ingest, read, delete, and the queries the API and transfers need.
+
+Ingest is all or nothing per batch: every file is parsed and staged first, then one index
+transaction makes the whole batch visible, then the files are published. A transfer commits all
+its instances through `ingest_files` so that a study appears at once or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerator.store.area import StorageArea, StoredFile
+from accelerator.store.dicom import ParsedInstance, parse_bytes, parse_file
+from accelerator.store.index import Attachment, Index, Outcome, Resource, timestamp
+from protocol.resources import Level
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileToIngest:
+    """An assembled file whose size and MD5 the caller has already verified."""
+
+    path: Path
+    size: int
+    md5: str
+
+
+class Store:
+    def __init__(
+        self,
+        storage_directory: Path,
+        index_directory: Path | None = None,
+        *,
+        compress: bool = False,
+        overwrite: bool = False,
+        upgrade: bool = False,
+    ):
+        self.overwrite = overwrite
+        self.index = Index(Path(index_directory or storage_directory), upgrade=upgrade)
+        self.area = StorageArea(Path(storage_directory), compress)
+        self.recover()
+
+    def close(self) -> None:
+        self.index.close()
+
+    def recover(self) -> None:
+        """Finish what a crash interrupted: staged files and deletions."""
+        published, deleted = self.area.recover(self.index.committed_uuids)
+        trash = self.index.trash()
+        self._remove_files(trash)
+        if published or deleted or trash:
+            log.warning(
+                "recovered the storage area: %d file(s) published, %d orphan(s) deleted, %d deleted "
+                "file(s) removed", published, deleted, len(trash),
+            )
+
+    # -- ingest ------------------------------------------------------------------------------
+
+    def ingest_bytes(self, data: bytes, *, origin: str = "RestApi", remote_ip: str = "") -> Outcome:
+        parsed = parse_bytes(data)
+        if not self.overwrite and self.index.exists(parsed.ids.instance):
+            return Outcome("AlreadyStored", parsed)  # nothing to write
+        stored = self.area.stage_bytes(data)
+        try:
+            return self._commit([(parsed, stored)], origin, remote_ip)[0]
+        except BaseException:
+            self.area.discard(stored.uuid)
+            raise
+
+    def ingest_files(self, files: Sequence[FileToIngest], *, origin: str = "Plugins") -> list[Outcome]:
+        """Adopt verified files in one transaction; they are moved, not copied.
+
+        Every file is parsed before any is touched, and a batch that fails puts the files back
+        where they were, so the caller can fix the cause and try again.
+        """
+        parsed = [parse_file(f.path) for f in files]
+        staged: list[StoredFile] = []
+        try:
+            for f in files:
+                staged.append(self.area.stage_file(f.path, f.size, f.md5))
+            outcomes = self._commit(list(zip(parsed, staged)), origin, "")
+        except BaseException:
+            for f, stored in zip(files, staged):
+                self.area.unstage(stored.uuid, f.path)
+            raise
+        for f in files:
+            self.area.forget_source(f.path)
+        return outcomes
+
+    def _commit(self, staged, origin: str, remote_ip: str) -> list[Outcome]:
+        """Index staged files in one transaction, then publish them. The caller undoes the
+        staging if this raises."""
+        now = timestamp()
+        items = [(parsed, stored, _metadata(parsed, now, origin, remote_ip)) for parsed, stored in staged]
+        outcomes = self.index.store_instances(items, overwrite=self.overwrite)
+        replaced = []
+        for (_, stored), outcome in zip(staged, outcomes):
+            if outcome.status == "Success":
+                self.area.publish(stored.uuid)
+            else:
+                self.area.discard(stored.uuid)
+            if outcome.replaced_uuid:
+                replaced.append(outcome.replaced_uuid)
+        self._remove_files(replaced)
+        return outcomes
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def attachment(self, instance_id: str) -> Attachment:
+        return self.index.attachment(instance_id)
+
+    def read_file(self, instance_id: str) -> bytes:
+        att = self.index.attachment(instance_id)
+        return self.area.read(att.uuid, att.compressed)
+
+    def read_range(self, attachment: Attachment, offset: int, length: int) -> bytes:
+        return self.area.read_range(attachment.uuid, attachment.compressed, offset, length)
+
+    def resource(self, level: Level, public_id: str) -> Resource:
+        return self.index.resource(level, public_id)
+
+    def statistics(self) -> dict[str, int]:
+        return self.index.statistics()
+
+    # -- deletion ----------------------------------------------------------------------------
+
+    def delete(self, level: Level, public_id: str) -> Resource | None:
+        """Delete a resource and its files; returns the nearest remaining ancestor."""
+        remaining, uuids = self.index.delete(level, public_id)
+        self._remove_files(uuids)
+        return remaining
+
+    def _remove_files(self, uuids: list[str]) -> None:
+        if not uuids:
+            return
+        for uuid in uuids:
+            self.area.remove(uuid)
+        self.index.empty_trash(uuids)
+
+
+def _metadata(parsed: ParsedInstance, now: str, origin: str, remote_ip: str) -> dict[str, str]:
+    meta = {
+        "ReceptionDate": now,
+        "Origin": origin,
+        "TransferSyntax": parsed.transfer_syntax_uid,
+        "SopClassUid": parsed.sop_class_uid,
+    }
+    if parsed.index_in_series is not None:
+        meta["IndexInSeries"] = str(parsed.index_in_series)
+    if remote_ip:
+        meta["RemoteIP"] = remote_ip
+    return meta

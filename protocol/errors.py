@@ -1,0 +1,136 @@
+"""The one exception hierarchy of accelerator, and how each error shows on the wire.
+
+Every error a request can meet is an `OrthancError` subclass carrying the HTTP status and the
+Orthanc error code (`OrthancStatus`) that a real Orthanc would answer with, so that peers and
+clients written for Orthanc see the same statuses from us. This module is the only place where an
+error is mapped to an HTTP status; the API layer renders any `OrthancError` with `as_json()`.
+
+Errors that never reach the wire (a bad configuration, an index of another schema) also live here
+so that the whole hierarchy reads in one page:
+
+    AcceleratorError
+    ├── ConfigError              bad configuration: the daemon refuses to start
+    ├── IndexVersionError        index written by another schema version
+    └── OrthancError             answered over HTTP (status, OrthancStatus, message)
+        ├── BadRequest           400 / 8    malformed request (not JSON, wrong shape)
+        ├── ParameterOutOfRange  400 / 3    a value outside its allowed set or range
+        ├── BadParameterType     400 / 5    a GET argument of the wrong type
+        ├── BadFileFormat        400 / 15   not DICOM, or a protocol object with bad fields
+        ├── BodyTooLarge         413 / 8    request body above the configured limit
+        ├── Unauthorized         401 / 29   missing or wrong credentials
+        ├── Forbidden            403 / 45   remote access not allowed
+        ├── UnknownResource      404 / 17   unknown patient/study/series/instance/peer/...
+        ├── MethodNotAllowed     405        wrong method on a known route (empty body + Allow)
+        ├── NetworkProtocol      500 / 9    a peer answered something the protocol forbids
+        ├── CorruptedFile        500 / 20   MD5 mismatch, stored file unreadable
+        ├── InternalError        500 / -1
+        └── ServiceBusy          503 / 36   every slot taken; retry later (Retry-After)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AcceleratorError(Exception):
+    """Base of every error raised on purpose by accelerator."""
+
+
+class ConfigError(AcceleratorError):
+    """A configuration option is missing, malformed or out of range."""
+
+
+class IndexVersionError(AcceleratorError):
+    """The SQLite index was written with another schema version than this program's."""
+
+
+class OrthancError(AcceleratorError):
+    """An error answered over HTTP with Orthanc's status code and error JSON."""
+
+    http_status: int = 500
+    orthanc_status: int = -1
+    message: str = "Internal error"
+
+    def __init__(self, details: str = "", *, headers: dict[str, str] | None = None):
+        super().__init__(details or self.message)
+        self.details = details
+        self.headers = headers or {}
+
+    def as_json(self, method: str, uri: str) -> dict[str, Any]:
+        """The body a real Orthanc answers with `HttpDescribeErrors` on (spec 2.6)."""
+        body: dict[str, Any] = {
+            "HttpError": _HTTP_REASONS.get(self.http_status, "Error"),
+            "HttpStatus": self.http_status,
+            "Message": self.message,
+            "Method": method,
+            "OrthancError": self.message,
+            "OrthancStatus": self.orthanc_status,
+            "Uri": uri,
+        }
+        if self.details:
+            body["Details"] = self.details
+        return body
+
+
+class BadRequest(OrthancError):
+    http_status, orthanc_status, message = 400, 8, "Bad request"
+
+
+class ParameterOutOfRange(OrthancError):
+    http_status, orthanc_status, message = 400, 3, "Parameter out of range"
+
+
+class BadParameterType(OrthancError):
+    http_status, orthanc_status, message = 400, 5, "Bad type for a parameter"
+
+
+class BadFileFormat(OrthancError):
+    http_status, orthanc_status, message = 400, 15, "Bad file format"
+
+
+class BodyTooLarge(OrthancError):
+    http_status, orthanc_status, message = 413, 8, "Request body too large"
+
+
+class Unauthorized(OrthancError):
+    http_status, orthanc_status, message = 401, 29, "Bad credentials"
+
+
+class Forbidden(OrthancError):
+    http_status, orthanc_status, message = 403, 45, "Access to a resource is forbidden"
+
+
+class UnknownResource(OrthancError):
+    http_status, orthanc_status, message = 404, 17, "Unknown resource"
+
+
+class MethodNotAllowed(OrthancError):
+    http_status, orthanc_status, message = 405, 8, "Method not allowed"
+
+
+class NetworkProtocol(OrthancError):
+    http_status, orthanc_status, message = 500, 9, "Error in the network protocol"
+
+
+class CorruptedFile(OrthancError):
+    http_status, orthanc_status, message = 500, 20, "Corrupted file (e.g. inconsistent MD5 hash)"
+
+
+class InternalError(OrthancError):
+    http_status, orthanc_status, message = 500, -1, "Internal error"
+
+
+class ServiceBusy(OrthancError):
+    http_status, orthanc_status, message = 503, 36, "Service busy, retry later"
+
+
+_HTTP_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Payload Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
