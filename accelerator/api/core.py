@@ -40,7 +40,8 @@ def _store(request: Request) -> Store:
 
 
 def _level(request: Request) -> Level:
-    return _LEVELS[request.path_params["level"]]
+    # `/instances` has its own route (it also takes POST), without a {level} parameter.
+    return _LEVELS[request.path_params.get("level", "instances")]
 
 
 _LEVELS = {level.plural: level for level in Level}
@@ -101,9 +102,9 @@ async def get_statistics(request: Request) -> Response:
         "CountSeries": stats["series"],
         "CountStudies": stats["studies"],
         "TotalDiskSize": str(stats["disk_size"]),
-        "TotalDiskSizeMB": round(stats["disk_size"] / 1048576),
+        "TotalDiskSizeMB": stats["disk_size"] // 1048576,  # Orthanc floors here
         "TotalUncompressedSize": str(stats["uncompressed_size"]),
-        "TotalUncompressedSizeMB": round(stats["uncompressed_size"] / 1048576),
+        "TotalUncompressedSizeMB": stats["uncompressed_size"] // 1048576,
     })
 
 

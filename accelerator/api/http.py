@@ -22,6 +22,7 @@ from protocol.errors import (
 log = logging.getLogger(__name__)
 
 _PRETTY = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
+_METHOD_ORDER = ("GET", "POST", "PUT", "DELETE")  # HEAD is implicit, as in Orthanc
 
 
 def json_answer(value: Any, *, compact: bool = False, status: int = 200) -> Response:
@@ -76,7 +77,8 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 (no route, wrong method) in Orthanc's shape."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        allow = ", ".join(m for m in (exc.headers or {}).get("Allow", "").split(", ") if m != "HEAD")
+        methods = set((exc.headers or {}).get("Allow", "").split(", "))
+        allow = ", ".join(m for m in _METHOD_ORDER if m in methods)
         return error_answer(request, MethodNotAllowed(headers={"Allow": allow}))
     if exc.status_code == 404:
         return error_answer(request, UnknownResource(), request.app.state.describe_errors)

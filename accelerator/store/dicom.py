@@ -119,6 +119,8 @@ def _parse(stream: BinaryIO, size: int) -> ParsedInstance:
         raise BadFileFormat(f"Cannot parse an invalid DICOM file (size: {size} bytes)") from exc
     missing = [kw for kw, uid in zip(("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"), uids)
                if not uid]
+    if len(missing) == 3:
+        raise BadFileFormat(f"Cannot parse an invalid DICOM file (size: {size} bytes)")
     if missing:
         raise BadFileFormat(f"Missing mandatory tag(s): {', '.join(missing)} (size: {size} bytes)")
     number = values[Level.INSTANCE].get("InstanceNumber") or values[Level.INSTANCE].get("ImageIndex")

@@ -1,0 +1,1 @@
+"""Benchmarks for the accelerator daemon: deterministic datasets, a daemon harness, ingest figures."""
