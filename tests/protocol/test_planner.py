@@ -1,0 +1,262 @@
+"""protocol.planner: the bucket plan of spec section 5, checked against the plugin's own plans."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.chunks import chunk_uri
+from protocol.messages import Chunk, InstanceInfo, bucket_size, bucket_to_json
+from protocol.planner import (
+    MAX_PULL_URL_LENGTH,
+    plan_buckets,
+    plan_pull_buckets,
+    plan_push_buckets,
+)
+
+T = 4 * 1024 * 1024
+LOCAL = "http://localhost:8042/"
+PROXY_B = "http://127.0.0.1:18043/"  # the peer URL the captured plugin of A pulled through
+PROXY_A = "http://127.0.0.1:18042/"
+
+
+def ids_of(bucket):
+    return [chunk.instance_id for chunk in bucket]
+
+
+# --------------------------------------------------------------------------- spec section 5 examples
+
+
+def test_small_instance_is_grouped():
+    plan = plan_push_buckets({"a": 1000, "b": 1000, "c": 5_000_000}, T)
+    assert plan == [(Chunk("c", 0, 5_000_000),), (Chunk("a", 0, 1000), Chunk("b", 0, 1000))]
+
+
+def test_medium_instance_is_one_bucket():
+    assert plan_push_buckets({"a": 5_000_000}, T) == [(Chunk("a", 0, 5_000_000),)]
+
+
+def test_large_instance_is_split_with_the_remainder_in_the_last_piece():
+    assert plan_push_buckets({"a": 20_000_000}, T) == [
+        (Chunk("a", 0, 6_666_666),),
+        (Chunk("a", 6_666_666, 6_666_666),),
+        (Chunk("a", 13_333_332, 6_666_668),),
+    ]
+
+
+def test_thresholds_are_t_and_2t():
+    assert plan_push_buckets({"a": T - 1, "b": 1}, T) == [(Chunk("a", 0, T - 1), Chunk("b", 0, 1))]
+    assert plan_push_buckets({"a": T}, T) == [(Chunk("a", 0, T),)]
+    assert plan_push_buckets({"a": 2 * T - 1}, T) == [(Chunk("a", 0, 2 * T - 1),)]
+    assert plan_push_buckets({"a": 2 * T}, T) == [(Chunk("a", 0, 2 * T),)]  # k = 1: one piece of S
+    assert plan_push_buckets({"a": 2 * T + 1}, T) == [(Chunk("a", 0, T),), (Chunk("a", T, T + 1),)]
+
+
+@pytest.mark.parametrize("threshold, expected", [
+    (10, [["d1"], ["d2"], ["d3"]]),
+    (20, [["d1", "d2"], ["d3"]]),
+    (21, [["d1", "d2", "d3"]]),
+])
+def test_three_ten_byte_instances(threshold, expected):
+    sizes = {"d3": 10, "d1": 10, "d2": 10}
+    for plan in (plan_push_buckets(sizes, threshold), plan_pull_buckets(sizes, threshold, LOCAL, "gzip")):
+        assert [ids_of(b) for b in plan] == expected
+
+
+def test_long_base_url_gives_one_pull_bucket_per_instance_but_not_in_push():
+    sizes = {"d1": 10, "d2": 10, "d3": 10}
+    base = "http://" + "x" * (2048 - len("http:///")) + "/"
+    assert len(base) == 2048
+    assert [ids_of(b) for b in plan_pull_buckets(sizes, 21, base, "none")] == [["d1"], ["d2"], ["d3"]]
+    assert [ids_of(b) for b in plan_push_buckets(sizes, 21)] == [["d1", "d2", "d3"]]
+
+
+def test_url_rule_closes_a_group_at_1956_characters():
+    ids = [f"{i:08x}-00000000-00000000-00000000-00000000" for i in range(100)]
+    plan = plan_pull_buckets({i: 10 for i in ids}, T, LOCAL, "none")
+    first = plan[0]
+    assert len(LOCAL + chunk_uri(first, "none")) >= MAX_PULL_URL_LENGTH
+    assert len(LOCAL + chunk_uri(first[:-1], "none")) < MAX_PULL_URL_LENGTH
+    assert len(first) == 42  # spec 5: about 42 IDs with a 22-character base URL
+    assert sum(len(b) for b in plan) == 100
+
+
+def test_medium_and_large_buckets_come_first_in_id_order_then_groups():
+    plan = plan_push_buckets({"e": 10, "d": 2 * T + 5, "c": 20, "b": T, "a": 30}, T)
+    assert [ids_of(b) for b in plan] == [["b"], ["d"], ["d"], ["a", "c", "e"]]
+
+
+def test_ids_are_sorted_bytewise():
+    plan = plan_push_buckets({"b": 1, "B": 1, "a": 1, "\u00e9": 1, "0": 1}, T)
+    assert ids_of(plan[0]) == ["0", "B", "a", "b", "\u00e9"]
+
+
+def test_inputs_may_be_a_mapping_pairs_or_instance_infos():
+    md5 = "0" * 32
+    expected = plan_push_buckets({"a": 10, "b": 20}, 15)
+    assert plan_push_buckets([("b", 20), ("a", 10)], 15) == expected
+    assert plan_push_buckets([InstanceInfo("b", 20, md5), InstanceInfo("a", 10, md5)], 15) == expected
+    assert plan_buckets({"a": 10, "b": 20}, 15) == expected
+    assert plan_buckets({"a": 10, "b": 20}, 15, base_url=LOCAL, compression="gzip") == expected
+
+
+def test_zero_length_instances_are_dropped():
+    assert plan_pull_buckets({"a": 0, "b": 5}, 10, LOCAL, "none") == [(Chunk("b", 0, 5),)]
+    assert plan_push_buckets({"a": 0}, 10) == []
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError):
+        plan_push_buckets({"a": 1}, 0)
+    with pytest.raises(ValueError):
+        plan_push_buckets([("a", 1), ("a", 2)], 10)
+    with pytest.raises(ValueError):
+        plan_push_buckets({"a": -1}, 10)
+    with pytest.raises(ValueError):
+        plan_pull_buckets({"a": 1}, 10, LOCAL, "zip")
+
+
+# --------------------------------------------------------------------------- the plugin's captured plans
+
+
+def _pull_targets(wire, folder):
+    return [e["target"] for e in wire.exchanges(folder) if e["method"] == "GET" and "/transfers/chunks/" in e["target"]]
+
+
+@pytest.mark.parametrize("folder, base_url", [
+    ("03a-pull-64k-gzip", PROXY_B),
+    ("03b-pull-64k-none", PROXY_B),
+    ("03c-pull-4m-small-none", PROXY_B),
+    ("03d-pull-4m-large-gzip", PROXY_B),
+    ("05-bidirectional-64k-gzip", PROXY_A),
+])
+def test_pull_plan_reproduces_the_captured_chunk_uris(wire, folder, base_url):
+    index = wire.index(folder)
+    threshold = index["transfers_bucket_size_kib"] * 1024
+    lookup = next(e for e in index["exchanges"] if e["path"].endswith("/transfers/lookup"))
+    ids = [i["ID"] for i in lookup["response"]["body"]["json"]["Instances"]]
+    compression = _pull_targets(wire, folder)[0].rsplit("=", 1)[1]
+    plan = plan_pull_buckets(wire.sizes(ids), threshold, base_url, compression)
+    # The peer URL ends with '/', the URI starts with '/': the plugin requests '//transfers/...'.
+    ours = ["/" + chunk_uri(bucket, compression) for bucket in plan]
+    # Four worker threads issue the requests, so only the set of requests is deterministic.
+    assert sorted(ours) == sorted(_pull_targets(wire, folder))
+
+
+@pytest.mark.parametrize("folder", ["04a-push-64k-gzip", "04b-push-64k-none", "04c-push-4m-small-gzip",
+                                    "04d-push-4m-large-gzip", "09-push-failure-discard"])
+def test_push_plan_reproduces_the_captured_creation_body_in_order(wire, folder):
+    index = wire.index(folder)
+    threshold = index["transfers_bucket_size_kib"] * 1024
+    body = next(e for e in index["exchanges"] if e["target"] == "//transfers/push")["request"]["body"]["json"]
+    ids = [i["ID"] for i in body["Instances"]]
+    assert ids == sorted(ids)
+    plan = plan_push_buckets(wire.sizes(ids), threshold)
+    assert [bucket_to_json(b) for b in plan] == body["Buckets"]  # bucket i is PUT to {Path}/i
+
+
+def test_readme_facts_small_set_64k(wire):
+    plan = plan_push_buckets(wire.sizes(set_name="small"), 64 * 1024)
+    assert len(plan) == 9
+    sc = next(i for i, f in wire.files.items() if f["file"].endswith("split-sc-10frames.dcm"))
+    assert [b[0].offset for b in plan if b[0].instance_id == sc] == [0, 109_804, 219_608]
+    groups = [b for b in plan if len(b) > 1]
+    assert len(groups) == 5 and {bucket_size(g) for g in groups} == {68_920, 98_136}
+    assert plan_pull_buckets(wire.sizes(set_name="small"), 64 * 1024, PROXY_B, "gzip") == plan
+
+
+def test_readme_facts_large_set_4m(wire):
+    sizes = wire.sizes(set_name="large")
+    pull = plan_pull_buckets(sizes, T, PROXY_B, "gzip")
+    push = plan_push_buckets(sizes, T)
+    assert [len(b) for b in pull] == [1, 1, 1, 42, 8]
+    assert [len(b) for b in push] == [1, 1, 1, 50]
+    assert [bucket_size(b) for b in push[:3]] == [6_991_089, 6_991_089, 6_991_090]
+    small = wire.sizes(set_name="small")
+    assert [len(b) for b in plan_pull_buckets(small, T, PROXY_B, "none")] == [22]
+    assert plan_pull_buckets(small, T, PROXY_B, "none") == plan_push_buckets(small, T)
+
+
+# --------------------------------------------------------------------------- properties
+
+
+orthanc_ids = st.text("0123456789abcdef", min_size=40, max_size=40).map(
+    lambda h: "-".join(h[i : i + 8] for i in range(0, 40, 8))
+)
+
+
+@st.composite
+def plans(draw, pull: bool):
+    threshold = draw(st.integers(1, 5000))
+    # A mix of tiny instances (many per group, so that pull URLs grow long) and up to 5T ones.
+    size = st.one_of(st.integers(0, 5 * threshold), st.integers(1, max(1, threshold // 60)))
+    count = draw(st.integers(0, 120))
+    sizes = draw(st.dictionaries(orthanc_ids, size, min_size=count, max_size=count))
+    if pull:
+        base = draw(st.sampled_from([LOCAL, PROXY_B, "https://h/" + "p/" * draw(st.integers(0, 400))]))
+        compression = draw(st.sampled_from(["gzip", "none"]))
+        return sizes, threshold, plan_pull_buckets(sizes, threshold, base, compression), (base, compression)
+    return sizes, threshold, plan_push_buckets(sizes, threshold), None
+
+
+def _check_plan(sizes, threshold, plan, pull):
+    separate = 2 * threshold
+    # Every byte of every instance, exactly once.
+    covered = defaultdict(list)
+    for bucket in plan:
+        assert bucket, "no empty bucket"
+        for chunk in bucket:
+            assert chunk.size > 0
+            covered[chunk.instance_id].append((chunk.offset, chunk.end))
+    assert set(covered) == {i for i, s in sizes.items() if s > 0}
+    for instance_id, spans in covered.items():
+        spans.sort()
+        assert spans[0][0] == 0 and spans[-1][1] == sizes[instance_id]
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    # Shape and size bounds of section 5.
+    is_single = [sizes[b[0].instance_id] >= threshold for b in plan]
+    count = is_single.count(True)
+    assert is_single == [True] * count + [False] * (len(plan) - count)  # medium/large first
+    singles, groups = plan[:count], plan[count:]
+    assert all(len(b) == 1 for b in singles)
+    assert [ids_of(b)[0] for b in singles] == sorted(ids_of(b)[0] for b in singles)
+    for bucket in singles:
+        n = sizes[bucket[0].instance_id]
+        if n < separate:
+            assert bucket == (Chunk(bucket[0].instance_id, 0, n),)
+        else:
+            k = -(-n // separate)
+            assert threshold <= bucket[0].size <= separate + k - 1  # spec says <= S; the remainder may add k-1
+    grouped = [c.instance_id for g in groups for c in g]
+    assert grouped == sorted(grouped)
+    for index, group in enumerate(groups):
+        assert all(c.offset == 0 and c.size == sizes[c.instance_id] < threshold for c in group)
+        total = bucket_size(group)
+        assert total < 2 * threshold
+        prefix_total = total - group[-1].size
+        assert prefix_total < threshold  # it would have closed earlier
+        if pull:
+            base, compression = pull
+            if len(group) > 1:
+                assert len(base + chunk_uri(group[:-1], compression)) < MAX_PULL_URL_LENGTH
+            if index < len(groups) - 1:
+                assert total >= threshold or len(base + chunk_uri(group, compression)) >= MAX_PULL_URL_LENGTH
+        elif index < len(groups) - 1:
+            assert total >= threshold
+
+
+@settings(max_examples=100, deadline=None)
+@given(plans(pull=False))
+def test_push_plans_cover_every_byte_once_within_bounds(case):
+    sizes, threshold, plan, _ = case
+    _check_plan(sizes, threshold, plan, None)
+
+
+@settings(max_examples=100, deadline=None)
+@given(plans(pull=True))
+def test_pull_plans_cover_every_byte_once_within_bounds(case):
+    sizes, threshold, plan, pull = case
+    _check_plan(sizes, threshold, plan, pull)
