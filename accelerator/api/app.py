@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,12 +11,15 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from accelerator.api import core
+from accelerator.api import core, transfers
 from accelerator.api.http import handle_http_exception, handle_orthanc_error, handle_unexpected
 from accelerator.api.middleware import AccessControl, NormalisePath
 from accelerator.config import Config
 from accelerator.store import Store
+from accelerator.transfers.receiver import PushReceiver
 from protocol.errors import OrthancError
+
+TRANSFERS_FOLDER = ".transfers"  # download areas, next to the storage area (same filesystem)
 
 
 def open_store(config: Config, *, upgrade: bool = False) -> Store:
@@ -41,7 +45,7 @@ def create_app(config: Config, store: Store | None = None) -> Starlette:
 
     users = config.registered_users if config.authentication_enabled else None
     app = Starlette(
-        routes=core.routes(),
+        routes=core.routes() + transfers.routes(),
         middleware=[
             Middleware(NormalisePath),
             Middleware(AccessControl, remote_access=config.remote_access_allowed, users=users),
@@ -56,4 +60,12 @@ def create_app(config: Config, store: Store | None = None) -> Starlette:
     app.state.config = config
     app.state.store = store
     app.state.describe_errors = config.http_describe_errors
+    app.state.originator = str(uuid.uuid4())  # the "plugin UUID": new at every start (spec 1)
+    app.state.receiver = PushReceiver(
+        store,
+        Path(config.storage_directory) / TRANSFERS_FOLDER / "push",
+        max_transactions=config.transfers.max_push_transactions,
+        idle_timeout=config.http_timeout,
+        commit_threads=config.transfers.commit_threads_count,
+    )
     return app

@@ -64,8 +64,18 @@ class _RelativeConvertor(_Choice):
     regex = "patient|study|series|studies|instances"
 
 
+class _TransactionConvertor(_Choice):
+    regex = "[.0-9a-f-]+"
+
+
+class _DigitsConvertor(_Choice):
+    regex = "[0-9]+"
+
+
 register_url_convertor("level", _LevelConvertor())
 register_url_convertor("relative", _RelativeConvertor())
+register_url_convertor("txid", _TransactionConvertor())
+register_url_convertor("digits", _DigitsConvertor())
 
 
 # -- system ------------------------------------------------------------------------------------

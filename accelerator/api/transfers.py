@@ -1,0 +1,158 @@
+"""The /transfers/* routes of the source and receiver roles, and the plugin-detection routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+from anyio import to_thread
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from accelerator import __version__
+from accelerator.api.core import route
+from accelerator.api.http import json_answer, parse_json, read_body
+from accelerator.transfers import source
+from accelerator.transfers.receiver import PushReceiver
+from protocol import codecs
+from protocol.chunks import parse_chunk_request
+from protocol.errors import BodyTooLarge, NetworkProtocol
+from protocol.messages import Created, LookupAnswer, PushTransaction, bucket_size, parse_lookup_request
+
+PLUGIN_VERSION = "1.7"  # the plugin release whose wire protocol we speak (unchanged since 1.0)
+PLUGIN_DESCRIPTION = "Accelerates transfers and provides storage commitment between Orthanc peers"
+JSON_LIMIT = 64 * 1024 * 1024  # lookups and push plans of huge studies stay far below this
+IN_MEMORY_CHUNK_LIMIT = 64 * 1024 * 1024  # larger chunk answers are streamed
+_FEED_BLOCK = 1 << 20
+
+
+def _receiver(request: Request) -> PushReceiver:
+    return request.app.state.receiver
+
+
+# -- plugin detection --------------------------------------------------------------------------
+
+async def get_plugins(request: Request) -> Response:
+    return json_answer(["transfers"])
+
+
+async def get_plugin(request: Request) -> Response:
+    return json_answer({
+        "AcceleratorVersion": __version__,
+        "Description": PLUGIN_DESCRIPTION,
+        "ExtendsOrthancExplorer": False,
+        "ID": "transfers",
+        "Version": PLUGIN_VERSION,
+    })
+
+
+# -- source role -------------------------------------------------------------------------------
+
+async def post_lookup(request: Request) -> Response:
+    resources = parse_lookup_request(parse_json(await read_body(request, JSON_LIMIT)))
+    store = request.app.state.store
+    instances = await to_thread.run_sync(source.lookup, store, resources)
+    answer = LookupAnswer.build(instances, request.app.state.originator)
+    return json_answer(answer.to_json(), compact=True)
+
+
+async def get_chunks(request: Request) -> Response:
+    chunk = parse_chunk_request(request.path_params["ids"], request.query_params.multi_items())
+    store = request.app.state.store
+    async with _chunk_slots(request):  # at most `Threads` chunks served at once (spec 3.3)
+        reads = await to_thread.run_sync(source.plan_reads, store, chunk)
+        total = sum(r.length for _, r in reads)
+        media_type = codecs.content_type(chunk.compression)
+        if total <= IN_MEMORY_CHUNK_LIMIT:
+            parts = await to_thread.run_sync(source.read, store, reads)
+            if chunk.compression == codecs.GZIP:
+                body = await to_thread.run_sync(codecs.encode_parts, parts, chunk.compression)
+            else:
+                body = b"".join(parts)
+            return Response(body, media_type=media_type)
+    return _streamed_chunk(store, reads, total, chunk.compression, media_type)
+
+
+def _streamed_chunk(store, reads, total: int, compression: str, media_type: str) -> Response:
+    """A chunk larger than IN_MEMORY_CHUNK_LIMIT: read, and compress, block by block."""
+    blocks = source.read_blocks(store, reads, _FEED_BLOCK)
+    encoder = codecs.stream_encoder(compression)
+
+    async def body() -> AsyncIterator[bytes]:
+        while (block := await to_thread.run_sync(next, blocks, None)) is not None:
+            if out := await to_thread.run_sync(encoder.encode, block):
+                yield out
+        if tail := encoder.finish():
+            yield tail
+
+    headers = {"Content-Length": str(total)} if compression == codecs.NONE else None
+    return StreamingResponse(body(), media_type=media_type, headers=headers)
+
+
+# -- receiver role -----------------------------------------------------------------------------
+
+async def post_push(request: Request) -> Response:
+    plan = PushTransaction.from_json(parse_json(await read_body(request, JSON_LIMIT)))
+    tx_id = await to_thread.run_sync(_receiver(request).create, plan)
+    return json_answer(Created.push_transaction(tx_id).to_json())
+
+
+async def put_bucket(request: Request) -> Response:
+    receiver = _receiver(request)
+    tx, index = receiver.begin_bucket(request.path_params["tx"], request.path_params["index"])
+    try:
+        writer = receiver.bucket_writer(tx, index)
+        # Deflate never grows data by more than ~0.1 % + a few bytes; anything beyond is refused.
+        expected = bucket_size(tx.plan.buckets[index])
+        limit = expected + expected // 100 + 1024
+        pending: list[bytes] = []
+        pending_size = 0
+        async for piece in request.stream():
+            pending.append(piece)
+            pending_size += len(piece)
+            if writer.received + pending_size > limit:
+                raise BodyTooLarge(f"Bucket {index} body exceeds {limit} bytes for {expected} raw bytes")
+            if pending_size >= _FEED_BLOCK:
+                await to_thread.run_sync(writer.feed, b"".join(pending))
+                pending, pending_size = [], 0
+                tx.touch()
+        await to_thread.run_sync(writer.feed, b"".join(pending))
+        await to_thread.run_sync(writer.finish)
+    except NetworkProtocol as exc:
+        raise NetworkProtocol(f"Bucket {index}: {exc.details}") from exc
+    finally:
+        receiver.end_bucket(tx)
+    return json_answer({})
+
+
+async def post_commit(request: Request) -> Response:
+    await to_thread.run_sync(_receiver(request).commit, request.path_params["tx"])
+    return json_answer({})
+
+
+async def delete_push(request: Request) -> Response:
+    await to_thread.run_sync(_receiver(request).discard, request.path_params["tx"])
+    return json_answer({})
+
+
+def routes() -> list[Route]:
+    tx = "/transfers/push/{tx:txid}"
+    return [
+        route("/plugins", GET=get_plugins),
+        route("/plugins/transfers", GET=get_plugin),
+        route("/transfers/lookup", POST=post_lookup),
+        route("/transfers/chunks/{ids:path}", GET=get_chunks),
+        route("/transfers/push", POST=post_push),
+        route(f"{tx}/commit", POST=post_commit),
+        route(f"{tx}/{{index:digits}}", PUT=put_bucket),
+        route(tx, DELETE=delete_push),
+    ]
+
+
+def _chunk_slots(request: Request) -> anyio.Semaphore:
+    """Created on first use: an anyio semaphore needs the running event loop."""
+    state = request.app.state
+    if getattr(state, "chunk_slots", None) is None:
+        state.chunk_slots = anyio.Semaphore(state.config.transfers.threads)
+    return state.chunk_slots
