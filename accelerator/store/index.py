@@ -360,3 +360,29 @@ class Index:
     def empty_trash(self, uuids: Iterable[str]) -> None:
         with self._write() as c:
             c.executemany("DELETE FROM trash WHERE uuid = ?", [(u,) for u in uuids])
+
+    # -- jobs --------------------------------------------------------------------------------
+    # The jobs engine (accelerator.jobs.engine) keeps each job as one row: searchable columns
+    # plus a JSON record that only the engine interprets, given here already encoded (the
+    # engine encodes it in the event loop, where the job's values cannot change meanwhile).
+
+    def insert_job(self, job_id: str, job_type: str, priority: int, state: str, record: bytes) -> None:
+        with self._write() as c:
+            c.execute(
+                "INSERT INTO jobs(id, type, priority, state, record) VALUES (?, ?, ?, ?, ?)",
+                (job_id, job_type, priority, state, record.decode()),
+            )
+
+    def update_job(self, job_id: str, state: str, record: bytes) -> None:
+        """Rewrite a job's state and record; a job deleted meanwhile stays deleted."""
+        with self._write() as c:
+            c.execute("UPDATE jobs SET state = ?, record = ? WHERE id = ?", (state, record.decode(), job_id))
+
+    def jobs(self) -> list[tuple[str, str, int, str, dict]]:
+        """Every job as (id, type, priority, state, record), in submission order."""
+        rows = self._reader.execute("SELECT id, type, priority, state, record FROM jobs ORDER BY rowid")
+        return [(r[0], r[1], r[2], r[3], orjson.loads(r[4])) for r in rows]
+
+    def delete_jobs(self, job_ids: Iterable[str]) -> None:
+        with self._write() as c:
+            c.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in job_ids])

@@ -12,7 +12,7 @@ import sqlite3
 
 from protocol.errors import IndexVersionError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Version 1: resources, their main tags, DICOM attachments and metadata.
 _VERSION_1 = """
@@ -61,7 +61,18 @@ CREATE TABLE trash (
 );
 """
 
-UPGRADES = {1: _VERSION_2}  # from version N to N + 1
+# Version 3: jobs (accelerator.jobs.engine), so that they survive a restart of the daemon.
+_VERSION_3 = """
+CREATE TABLE jobs (
+    id       TEXT    PRIMARY KEY,              -- job ID, as in GET /jobs/{id}
+    type     TEXT    NOT NULL,                 -- PullTransfer, PushTransfer
+    priority INTEGER NOT NULL,
+    state    TEXT    NOT NULL,                 -- Pending, Running, Paused, Success, Failure
+    record   TEXT    NOT NULL                  -- JSON: query, content, checkpoint, error, times
+);
+"""
+
+UPGRADES = {1: _VERSION_2, 2: _VERSION_3}  # from version N to N + 1
 
 
 def version_of(conn: sqlite3.Connection) -> int:
