@@ -52,13 +52,21 @@ def _parser() -> argparse.ArgumentParser:
 
     imp = commands.add_parser("import", help="upload DICOM files and folders to a running daemon")
     imp.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (walked recursively)")
-    imp.add_argument("--url", default="http://127.0.0.1:8042", help="daemon URL (default: %(default)s)")
-    imp.add_argument("--username", default="", help="HTTP Basic user")
-    imp.add_argument("--password", default="", help="HTTP Basic password")
     imp.add_argument("--jobs", type=int, default=4, help="parallel uploads (default: %(default)s)")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _connection_arguments(imp)
     imp.set_defaults(run=_import)
+
+    from accelerator import commands as remote
+
+    remote.add_arguments(commands, [_connection_arguments])
     return parser
+
+
+def _connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8042", help="daemon URL (default: %(default)s)")
+    parser.add_argument("--username", default="", help="HTTP Basic user")
+    parser.add_argument("--password", default="", help="HTTP Basic password")
 
 
 def _serve(args: argparse.Namespace) -> int:

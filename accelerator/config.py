@@ -70,6 +70,7 @@ class TransfersConfig:
     peer_connectivity_timeout: int  # seconds
     peer_commit_timeout: int  # seconds
     commit_threads_count: int
+    skip_stored_instances: bool
 
     @property
     def bucket_size_bytes(self) -> int:
@@ -271,11 +272,14 @@ _TRANSFERS_OPTIONS: tuple[_Option, ...] = (
     _Option("PeerConnectivityTimeout", "peer_connectivity_timeout", 2, _integer(1)),
     _Option("PeerCommitTimeout", "peer_commit_timeout", 600, _integer(1)),
     _Option("CommitThreadsCount", "commit_threads_count", 1, _integer(1)),
+    # Ours: a pull skips instances already stored here with the same MD5 (job counters then
+    # differ from the plugin's, hence off by default). A pull query can also ask for it.
+    _Option("SkipStoredInstances", "skip_stored_instances", False, _boolean),
 )
 
 #: Orthanc name -> default; None means derived (IndexDirectory, AuthenticationEnabled).
 DEFAULTS: Mapping[str, Any] = {o.key: o.default for o in _OPTIONS}
-TRANSFERS_DEFAULTS: Mapping[str, int] = {o.key: o.default for o in _TRANSFERS_OPTIONS}
+TRANSFERS_DEFAULTS: Mapping[str, int | bool] = {o.key: o.default for o in _TRANSFERS_OPTIONS}
 
 #: Orthanc (core and common plugins) options that do not apply to us: accepted without warning so
 #: that the configuration of a real Orthanc can be reused as is.

@@ -1,4 +1,5 @@
-"""Build the ASGI application from a configuration and a store."""
+"""Build the ASGI application from a configuration and a store: routes, middleware, the jobs
+engine with its pull and push drivers, the peers, and the push receiver."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from accelerator.api import core, transfers
+from accelerator.api import core, jobs, peers, transfers
 from accelerator.api.http import handle_http_exception, handle_orthanc_error, handle_unexpected
 from accelerator.api.middleware import AccessControl, NormalisePath
 from accelerator.config import Config
+from accelerator.jobs.engine import JobsEngine
+from accelerator.peers import Peers
 from accelerator.store import Store
+from accelerator.transfers import pull, push
 from accelerator.transfers.receiver import PushReceiver
 from protocol.errors import OrthancError
 
@@ -32,20 +36,28 @@ def open_store(config: Config, *, upgrade: bool = False) -> Store:
     )
 
 
-def create_app(config: Config, store: Store | None = None) -> Starlette:
-    """The daemon's app; it owns `store` (opened from `config` if not given) and closes it."""
+def create_app(config: Config, store: Store | None = None, *, peers_: Peers | None = None) -> Starlette:
+    """The daemon's app; it owns `store` (opened from `config` if not given) and closes it.
+
+    Jobs run while the app's lifespan runs (uvicorn enters it; in-process tests enter
+    `app.state.jobs.running()` themselves). `peers_` replaces the peers (tests route them in-process).
+    """
     store = store or open_store(config)
+    peer_clients = peers_ or Peers(config)
+    engine = _jobs_engine(config, store, peer_clients)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
-            yield
+            async with engine.running():  # jobs stop before the store closes
+                yield
         finally:
+            await peer_clients.aclose()
             store.close()
 
     users = config.registered_users if config.authentication_enabled else None
     app = Starlette(
-        routes=core.routes() + transfers.routes(),
+        routes=core.routes() + transfers.routes() + jobs.routes() + peers.routes(),
         middleware=[
             Middleware(NormalisePath),
             Middleware(AccessControl, remote_access=config.remote_access_allowed, users=users),
@@ -61,6 +73,8 @@ def create_app(config: Config, store: Store | None = None) -> Starlette:
     app.state.store = store
     app.state.describe_errors = config.http_describe_errors
     app.state.originator = str(uuid.uuid4())  # the "plugin UUID": new at every start (spec 1)
+    app.state.peers = peer_clients
+    app.state.jobs = engine
     app.state.receiver = PushReceiver(
         store,
         Path(config.storage_directory) / TRANSFERS_FOLDER / "push",
@@ -69,3 +83,20 @@ def create_app(config: Config, store: Store | None = None) -> Starlette:
         commit_threads=config.transfers.commit_threads_count,
     )
     return app
+
+
+def _jobs_engine(config: Config, store: Store, peer_clients: Peers) -> JobsEngine:
+    settings = config.transfers
+    pull_driver = pull.PullDriver(
+        store=store, peers=peer_clients, folder=Path(config.storage_directory) / TRANSFERS_FOLDER / "pull",
+        bucket_size=settings.bucket_size_bytes, threads=settings.threads, retries=settings.max_http_retries,
+        skip_stored=settings.skip_stored_instances,
+    )
+    push_driver = push.PushDriver(
+        store=store, peers=peer_clients, bucket_size=settings.bucket_size_bytes, threads=settings.threads,
+        commit_timeout=settings.peer_commit_timeout,
+    )
+    engine = JobsEngine.from_config(config, store.index)
+    engine.register(pull.JOB_TYPE, lambda ctx: pull_driver)
+    engine.register(push.JOB_TYPE, lambda ctx: push_driver)
+    return engine

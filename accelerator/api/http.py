@@ -50,11 +50,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes, error: type[OrthancError] = BadRequest) -> Any:
+    """The body as JSON; the core answers Bad request for invalid JSON, the plugin Bad file format."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"The body is not valid JSON: {exc}") from None
+        raise error(f"The body is not valid JSON: {exc}") from None
 
 
 def error_answer(request: Request, error: OrthancError, describe: bool = True) -> Response:

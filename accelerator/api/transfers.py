@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import anyio
@@ -13,18 +14,30 @@ from starlette.routing import Route
 from accelerator import __version__
 from accelerator.api.core import route
 from accelerator.api.http import json_answer, parse_json, read_body
-from accelerator.transfers import source
+from accelerator.transfers import pull, push, source
 from accelerator.transfers.receiver import PushReceiver
 from protocol import codecs
 from protocol.chunks import parse_chunk_request
-from protocol.errors import BodyTooLarge, NetworkProtocol
-from protocol.messages import Created, LookupAnswer, PushTransaction, bucket_size, parse_lookup_request
+from protocol.errors import BadFileFormat, BodyTooLarge, NetworkProtocol, OrthancError
+from protocol.messages import (
+    Created,
+    LookupAnswer,
+    PushTransaction,
+    TransferQuery,
+    bucket_size,
+    parse_lookup_request,
+)
 
 PLUGIN_VERSION = "1.7"  # the plugin release whose wire protocol we speak (unchanged since 1.0)
 PLUGIN_DESCRIPTION = "Accelerates transfers and provides storage commitment between Orthanc peers"
 JSON_LIMIT = 64 * 1024 * 1024  # lookups and push plans of huge studies stay far below this
 IN_MEMORY_CHUNK_LIMIT = 64 * 1024 * 1024  # larger chunk answers are streamed
 _FEED_BLOCK = 1 << 20
+
+
+async def _json_body(request: Request):
+    """The plugin answers Bad file format (15) for a body that is not JSON (spec 2.6)."""
+    return parse_json(await read_body(request, JSON_LIMIT), error=BadFileFormat)
 
 
 def _receiver(request: Request) -> PushReceiver:
@@ -50,7 +63,7 @@ async def get_plugin(request: Request) -> Response:
 # -- source role -------------------------------------------------------------------------------
 
 async def post_lookup(request: Request) -> Response:
-    resources = parse_lookup_request(parse_json(await read_body(request, JSON_LIMIT)))
+    resources = parse_lookup_request(await _json_body(request))
     store = request.app.state.store
     instances = await to_thread.run_sync(source.lookup, store, resources)
     answer = LookupAnswer.build(instances, request.app.state.originator)
@@ -90,10 +103,56 @@ def _streamed_chunk(store, reads, total: int, compression: str, media_type: str)
     return StreamingResponse(body(), media_type=media_type, headers=headers)
 
 
+# -- jobs: pull, push, bidirectional send ------------------------------------------------------
+
+async def _query(request: Request) -> tuple[dict, TransferQuery]:
+    body = await _json_body(request)
+    query = TransferQuery.from_json(body)  # 400 for a malformed query
+    return body, query
+
+
+def _job_content(body: dict, query: TransferQuery) -> dict:
+    """What `Content` shows from the first step: the query's Resources verbatim, Peer, Compression."""
+    content = {"Compression": query.compression, "Peer": query.peer, "Resources": body["Resources"]}
+    if query.originator is not None:
+        content["Originator"] = query.originator
+    return content
+
+
+async def post_pull(request: Request) -> Response:
+    body, query = await _query(request)
+    request.app.state.peers.get(query.peer)  # unknown peer: 404 now, not a failed job later
+    job_id = await request.app.state.jobs.submit(pull.JOB_TYPE, body, query.job_priority, _job_content(body, query))
+    return json_answer(Created.job(job_id).to_json())
+
+
+async def post_send(request: Request) -> Response:
+    body, query = await _query(request)
+    peer = request.app.state.peers.get(query.peer)
+    remote_self = peer.peer.remote_self
+    if remote_self is None:
+        job_id = await request.app.state.jobs.submit(
+            push.JOB_TYPE, body, query.job_priority, _job_content(body, query))
+        return json_answer(Created.job(job_id).to_json())
+    # Bidirectional: ask the peer to pull from us (spec 3.5); Priority is not forwarded.
+    response = await peer.request(
+        "POST", "/transfers/pull",
+        json={"Compression": query.compression, "Originator": request.app.state.originator,
+              "Peer": remote_self, "Resources": body["Resources"]},
+        headers={"sender-transfer-id": query.sender_transfer_id or str(uuid.uuid4()), "Expect": ""},
+        what="request to pull from us (bidirectional send)", expect_json=True,
+    )
+    try:
+        created = Created.from_json(response.json())
+    except (ValueError, OrthancError) as exc:
+        raise NetworkProtocol(f"peer {query.peer!r} answered a malformed job creation: {exc}") from exc
+    return json_answer({"Peer": query.peer, "RemoteJob": created.id, "URL": peer.peer.url + created.path})
+
+
 # -- receiver role -----------------------------------------------------------------------------
 
 async def post_push(request: Request) -> Response:
-    plan = PushTransaction.from_json(parse_json(await read_body(request, JSON_LIMIT)))
+    plan = PushTransaction.from_json(await _json_body(request))
     tx_id = await to_thread.run_sync(_receiver(request).create, plan)
     return json_answer(Created.push_transaction(tx_id).to_json())
 
@@ -103,6 +162,10 @@ async def put_bucket(request: Request) -> Response:
     tx, index = receiver.begin_bucket(request.path_params["tx"], request.path_params["index"])
     try:
         writer = receiver.bucket_writer(tx, index)
+    except BaseException:
+        receiver.end_bucket(tx)
+        raise
+    try:
         # Deflate never grows data by more than ~0.1 % + a few bytes; anything beyond is refused.
         expected = bucket_size(tx.plan.buckets[index])
         limit = expected + expected // 100 + 1024
@@ -122,6 +185,7 @@ async def put_bucket(request: Request) -> Response:
     except NetworkProtocol as exc:
         raise NetworkProtocol(f"Bucket {index}: {exc.details}") from exc
     finally:
+        writer.close()
         receiver.end_bucket(tx)
     return json_answer({})
 
@@ -142,6 +206,8 @@ def routes() -> list[Route]:
         route("/plugins", GET=get_plugins),
         route("/plugins/transfers", GET=get_plugin),
         route("/transfers/lookup", POST=post_lookup),
+        route("/transfers/pull", POST=post_pull),
+        route("/transfers/send", POST=post_send),
         route("/transfers/chunks/{ids:path}", GET=get_chunks),
         route("/transfers/push", POST=post_push),
         route(f"{tx}/commit", POST=post_commit),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +24,7 @@ from protocol.errors import ParameterOutOfRange, UnknownResource
 from protocol.messages import InstanceInfo
 
 _BLOCK = 1 << 20
+SPOOL_IN_MEMORY = 16 << 20
 
 
 class DownloadArea:
@@ -82,16 +84,20 @@ class DownloadArea:
 
 
 class PayloadWriter:
-    """Feed the wire payload of one bucket as it arrives; `finish` checks its exact size.
+    """Feed the wire payload of one bucket as it arrives; `finish` checks its exact size and only
+    then writes it into the instance files, so a rejected bucket leaves no trace.
 
-    Blocking (decompression and disk writes): call from a worker thread. Raises NetworkProtocol
-    when the payload does not decode to exactly the bucket's size (a gzip bomb stops at the bound).
+    The decoded bytes wait in a spool (memory up to SPOOL_IN_MEMORY, then a temporary file in the
+    area's folder). Blocking (decompression and disk writes): call from a worker thread. Raises
+    NetworkProtocol when the payload does not decode to exactly the bucket's size (a gzip bomb
+    stops at the bound).
     """
 
     def __init__(self, area: DownloadArea, ranges: Sequence[ScatterRange], compression: str,
                  expected_size: int):
         self.area = area
         self.decoder = stream_decoder(compression, expected_size)
+        self.spool = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, dir=area.folder)
         self.ranges = list(ranges)
         self.index = 0  # current range
         self.done_in_range = 0
@@ -100,11 +106,21 @@ class PayloadWriter:
 
     def feed(self, piece: bytes) -> None:
         self.received += len(piece)
-        self._scatter(self.decoder.feed(piece))
+        self.spool.write(self.decoder.feed(piece))
 
     def finish(self) -> int:
-        self.decoder.finish()
+        try:
+            self.decoder.finish()
+            self.spool.seek(0)
+            while block := self.spool.read(_BLOCK):
+                self._scatter(block)
+        finally:
+            self.spool.close()
         return self.position
+
+    def close(self) -> None:
+        """Drop a payload that will not be finished."""
+        self.spool.close()
 
     def _scatter(self, data: bytes) -> None:
         view = memoryview(data)

@@ -251,6 +251,18 @@ async def test_wrong_bucket_length_is_500(client, mangle, needle):
     assert needle in answer.json()["Details"]
 
 
+async def test_a_rejected_bucket_leaves_no_bytes_behind(client):
+    files = _study(1)
+    plan, payloads = _push_plan(files, 1_000_000, "none")
+    created = (await client.post("/transfers/push", json=plan.to_json())).json()
+    answer = await client.put(f"{created['Path']}/0", content=payloads[0][:-1])
+    assert answer.status_code == 500
+    tx = client._transport.app.state.receiver.get(created["ID"])
+    instance = plan.instances[0]
+    assert tx.area.path_of(instance.id).read_bytes() == bytes(instance.size)  # still all zeros
+    assert sorted(p.name for p in tx.area.folder.iterdir()) == sorted([instance.id, "plan.json"])
+
+
 @pytest.mark.parametrize("payload_of", [
     lambda raw: raw,                                         # raw bytes into a gzip transaction
     lambda raw: gzip.compress(raw)[:-8] + b"\0" * 8,         # bad CRC / ISIZE

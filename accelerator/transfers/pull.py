@@ -1,0 +1,161 @@
+"""The PullTransfer job: lookup on the source, fetch buckets, verify, store all at once (8.1).
+
+Better than the plugin while wire-compatible: every bucket that lands is recorded in the job's
+checkpoint, so a paused, failed-then-resumed or killed job continues with the buckets it had not
+finished; a bucket whose payload is corrupt is fetched again; instances that fail their MD5 check
+have their buckets fetched again before the job gives up; and the study becomes visible in one
+index transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+from anyio import to_thread
+
+from accelerator.jobs.base import JobContext, JobFailure
+from accelerator.peers import Peers
+from accelerator.store import Store
+from accelerator.transfers.download import DownloadArea
+from accelerator.transfers.workers import Counters, run_pool
+from protocol.chunks import chunk_uri, scatter_ranges
+from protocol.errors import NetworkProtocol, OrthancError
+from protocol.messages import (
+    InstanceInfo,
+    LookupAnswer,
+    TransferQuery,
+    bucket_size,
+    bucket_to_json,
+    lookup_request_to_json,
+    parse_bucket,
+    size_mb,
+)
+from protocol.planner import plan_pull_buckets
+
+log = logging.getLogger(__name__)
+
+JOB_TYPE = "PullTransfer"
+VERIFY_ROUNDS = 2  # re-fetch rounds for instances that fail their MD5 check
+
+
+class PullDriver:
+    def __init__(self, *, store: Store, peers: Peers, folder: Path, bucket_size: int, threads: int,
+                 retries: int, skip_stored: bool = False):
+        self.store = store
+        self.peers = peers
+        self.folder = Path(folder)
+        self.bucket_size = bucket_size
+        self.threads = threads
+        self.retries = retries
+        self.skip_stored = skip_stored
+
+    def area(self, ctx: JobContext, instances: list[InstanceInfo]) -> DownloadArea:
+        return DownloadArea(self.folder / ctx.job_id, instances)
+
+    async def run(self, ctx: JobContext) -> None:
+        query = TransferQuery.from_json(ctx.query)
+        peer = self.peers.get(query.peer)
+        state = ctx.checkpoint or await self._plan(ctx, query, peer)
+        if state is None:
+            return  # nothing to transfer
+        instances = [InstanceInfo.from_json(i) for i in state["instances"]]
+        buckets = [parse_bucket(b) for b in state["buckets"]]
+        done: set[int] = set(state["done"])
+        area = self.area(ctx, instances)
+        await to_thread.run_sync(area.create)
+        counters = Counters(len(buckets), completed=len(done))
+        received = state.get("received", 0)
+
+        async def fetch(index: int) -> None:
+            nonlocal received
+            bucket = buckets[index]
+            uri = chunk_uri(bucket, query.compression)
+            for attempt in range(1 + self.retries):
+                response = await peer.request("GET", uri, what=f"GET bucket {index} ({bucket_size(bucket)} bytes)")
+                writer = area.payload_writer(scatter_ranges(bucket), query.compression, bucket_size(bucket))
+                try:
+                    await to_thread.run_sync(_write_all, writer, response.content)
+                    break
+                except NetworkProtocol as exc:  # truncated or corrupt payload: fetch it again
+                    if attempt == self.retries:
+                        raise NetworkProtocol(f"peer {query.peer!r}: bucket {index} is corrupt: {exc.details}") from exc
+                    log.warning("job %s: bucket %d corrupt (%s), fetching it again", ctx.job_id, index, exc.details)
+            done.add(index)
+            received += len(response.content)
+            counters.bucket_done(len(response.content))
+            await ctx.save(dict(state, done=sorted(done), received=received),
+                           content=counters.content("DownloadedSizeMB", received), progress=counters.progress)
+
+        for verify_round in range(VERIFY_ROUNDS + 1):
+            await run_pool([i for i in range(len(buckets)) if i not in done], self.threads, fetch)
+            bad = await to_thread.run_sync(area.bad_instances, 2)
+            if not bad:
+                break
+            if verify_round == VERIFY_ROUNDS:
+                raise JobFailure(f"{len(bad)} instance(s) from peer {query.peer!r} fail their MD5 check "
+                                 f"after {VERIFY_ROUNDS} re-fetches: {', '.join(bad[:5])}")
+            log.warning("job %s: %d instance(s) fail their MD5 check, fetching their buckets again",
+                        ctx.job_id, len(bad))
+            bad_set = set(bad)
+            done -= {i for i, b in enumerate(buckets) if any(c.instance_id in bad_set for c in b)}
+
+        try:
+            await to_thread.run_sync(lambda: self.store.ingest_files(area.files(), origin="Plugins"))
+        except OrthancError as exc:
+            raise JobFailure(f"cannot store the instances pulled from {query.peer!r}: {exc}") from exc
+        await to_thread.run_sync(area.remove)
+
+    async def _plan(self, ctx: JobContext, query: TransferQuery, peer) -> dict[str, Any] | None:
+        response = await peer.request(
+            "POST", "/transfers/lookup", json=lookup_request_to_json(query.resources),
+            headers={"sender-transfer-id": sender_transfer_id(ctx), "Expect": ""}, what="lookup", expect_json=True,
+        )
+        try:
+            lookup = LookupAnswer.from_json(response.json())
+        except (ValueError, OrthancError) as exc:
+            raise NetworkProtocol(f"peer {query.peer!r} answered a malformed lookup: {exc}") from exc
+        if query.originator is not None and lookup.originator != query.originator:
+            raise JobFailure(f"peer {query.peer!r} is not the server that asked for this pull "
+                             f"(Originator {lookup.originator} != {query.originator}): check RemoteSelf")
+        instances = list(lookup.instances)
+        if self.skip_stored or query_skip_stored(ctx.query):
+            instances = await to_thread.run_sync(self._not_stored, instances)
+        if not instances:
+            await ctx.save(None, progress=1.0)
+            return None
+        buckets = plan_pull_buckets(instances, self.bucket_size, peer.url, query.compression)
+        state = {"instances": [i.to_json() for i in instances],
+                 "buckets": [bucket_to_json(b) for b in buckets], "done": [], "received": 0}
+        total = sum(i.size for i in instances)
+        await ctx.save(state, content={"TotalInstances": len(instances), "TotalSizeMB": size_mb(total),
+                                       "CompletedHttpQueries": 0, "DownloadedSizeMB": 0},
+                       progress=1 / (2 + len(buckets)))
+        return state
+
+    def _not_stored(self, instances: list[InstanceInfo]) -> list[InstanceInfo]:
+        index = self.store.index
+        return [i for i in instances if not (index.exists(i.id) and index.attachment(i.id).md5 == i.md5)]
+
+    async def discard(self, ctx: JobContext) -> None:
+        await to_thread.run_sync(lambda: DownloadArea(self.folder / ctx.job_id, []).remove())
+
+
+def _write_all(writer, payload: bytes) -> None:
+    try:
+        writer.feed(payload)
+        writer.finish()
+    finally:
+        writer.close()
+
+
+def sender_transfer_id(ctx: JobContext) -> str:
+    """The query's SenderTransferID, or a UUID stable for the job's life (spec 2.4)."""
+    given = ctx.query.get("SenderTransferID")
+    return given if isinstance(given, str) else str(uuid.uuid5(uuid.NAMESPACE_URL, ctx.job_id))
+
+
+def query_skip_stored(query: dict[str, Any]) -> bool:
+    return query.get("SkipStoredInstances") is True

@@ -1,0 +1,159 @@
+"""The PushTransfer job: plan from the index, create the remote transaction, PUT buckets, commit
+(spec 8.2). The job succeeds only once the receiver has committed.
+
+Every PUT that succeeded is recorded in the checkpoint with the remote transaction's path, so a
+paused or restarted job sends only the buckets the receiver does not have; if the receiver has
+lost the transaction meanwhile (404), the push starts again with a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from anyio import to_thread
+
+from accelerator.jobs.base import JobContext, JobFailure
+from accelerator.peers import Peers
+from accelerator.store import Store
+from accelerator.transfers import source
+from accelerator.transfers.pull import sender_transfer_id
+from accelerator.transfers.workers import Counters, run_pool
+from protocol import codecs
+from protocol.chunks import ReadRange
+from protocol.errors import NetworkProtocol, OrthancError
+from protocol.messages import (
+    Created,
+    InstanceInfo,
+    PushTransaction,
+    TransferQuery,
+    bucket_to_json,
+    parse_bucket,
+    size_mb,
+)
+from protocol.planner import plan_push_buckets
+
+log = logging.getLogger(__name__)
+
+JOB_TYPE = "PushTransfer"
+
+
+class TransactionLost(Exception):
+    """The receiver answered 404 for our transaction: it was evicted or discarded."""
+
+
+class PushDriver:
+    def __init__(self, *, store: Store, peers: Peers, bucket_size: int, threads: int, commit_timeout: float):
+        self.store = store
+        self.peers = peers
+        self.bucket_size = bucket_size
+        self.threads = threads
+        self.commit_timeout = commit_timeout
+
+    async def run(self, ctx: JobContext) -> None:
+        query = TransferQuery.from_json(ctx.query)
+        peer = self.peers.get(query.peer)
+        state = ctx.checkpoint or await self._plan(ctx, query)
+        for attempt in (1, 2):
+            if state.get("transaction") is None:
+                state = await self._create(ctx, query, peer, state)
+            try:
+                await self._send(ctx, query, peer, state)
+                break
+            except TransactionLost:
+                if attempt == 2:
+                    raise JobFailure(f"peer {query.peer!r} lost the push transaction twice") from None
+                log.warning("job %s: peer %r lost transaction %s, starting a new one",
+                            ctx.job_id, query.peer, state["transaction"])
+                state = dict(state, transaction=None, cookie=None, done=[], sent=0)
+        await peer.request("POST", f"{state['transaction']}/commit", content=b"",
+                           headers=self._headers(ctx, state), timeout=self.commit_timeout,
+                           what="commit of the push transaction")
+        await ctx.save(dict(state, committed=True), progress=1.0)
+
+    async def _plan(self, ctx: JobContext, query: TransferQuery) -> dict[str, Any]:
+        try:
+            instances = await to_thread.run_sync(source.lookup, self.store, query.resources)
+        except OrthancError as exc:
+            raise JobFailure(f"cannot push: {exc}") from exc
+        buckets = plan_push_buckets(instances, self.bucket_size)
+        state = {"instances": [i.to_json() for i in instances], "buckets": [bucket_to_json(b) for b in buckets],
+                 "transaction": None, "cookie": None, "done": [], "sent": 0}
+        await ctx.save(state, content={"TotalInstances": len(instances),
+                                       "TotalSizeMB": size_mb(sum(i.size for i in instances)),
+                                       "CompletedHttpQueries": 0, "UploadedSizeMB": 0},
+                       progress=1 / (2 + len(buckets)))
+        return state
+
+    async def _create(self, ctx: JobContext, query: TransferQuery, peer, state: dict) -> dict:
+        plan = PushTransaction(tuple(InstanceInfo.from_json(i) for i in state["instances"]),
+                               tuple(parse_bucket(b) for b in state["buckets"]), query.compression)
+        response = await peer.request(
+            "POST", "/transfers/push", json=plan.to_json(), timeout=self.commit_timeout,
+            headers={"sender-transfer-id": sender_transfer_id(ctx), "Expect": ""},
+            what="creation of the push transaction", expect_json=True,
+        )
+        try:
+            created = Created.from_json(response.json())
+        except (ValueError, OrthancError) as exc:
+            raise NetworkProtocol(f"peer {query.peer!r} answered a malformed push creation: {exc}") from exc
+        state = dict(state, transaction=created.path, cookie=_cookie(response.headers))
+        await ctx.save(state)
+        return state
+
+    async def _send(self, ctx: JobContext, query: TransferQuery, peer, state: dict) -> None:
+        buckets = [parse_bucket(b) for b in state["buckets"]]
+        done: set[int] = set(state["done"])
+        counters = Counters(len(buckets), completed=len(done))
+        sent = state.get("sent", 0)
+        headers = dict(self._headers(ctx, state), **{"Content-Type": "application/octet-stream"})
+
+        async def put(index: int) -> None:
+            nonlocal sent
+            body = await to_thread.run_sync(self._payload, buckets[index], query.compression)
+            response = await peer.request(
+                "PUT", f"{state['transaction']}/{index}", content=body, headers=headers,
+                what=f"PUT bucket {index}", accept_statuses=(404,))
+            if response.status_code == 404:
+                raise TransactionLost()
+            done.add(index)
+            sent += len(body)
+            counters.bucket_done(len(body))
+            state.update(done=sorted(done), sent=sent)
+            await ctx.save(dict(state), content=counters.content("UploadedSizeMB", sent),
+                           progress=counters.progress)
+
+        await run_pool([i for i in range(len(buckets)) if i not in done], self.threads, put)
+
+    def _payload(self, bucket, compression: str) -> bytes:
+        """Read the bucket's ranges from the storage area (sizes come from the index) and encode."""
+        reads = [(self.store.attachment(c.instance_id), ReadRange(c.instance_id, c.offset, c.size))
+                 for c in bucket]
+        return codecs.encode_parts(source.read(self.store, reads), compression)
+
+    @staticmethod
+    def _headers(ctx: JobContext, state: dict) -> dict[str, str]:
+        headers = {"sender-transfer-id": sender_transfer_id(ctx), "Expect": ""}
+        if state.get("cookie"):
+            headers["Cookie"] = state["cookie"]
+        return headers
+
+    async def discard(self, ctx: JobContext) -> None:
+        """After a failure or a cancel: delete the remote transaction (best effort)."""
+        state = ctx.checkpoint or {}
+        if not state.get("transaction") or state.get("committed"):
+            return
+        query = TransferQuery.from_json(ctx.query)
+        try:
+            await self.peers.get(query.peer).request(
+                "DELETE", state["transaction"], headers=self._headers(ctx, state), retries=0,
+                what="discard of the push transaction", accept_statuses=(404,))
+        except OrthancError as exc:
+            log.warning("job %s: could not delete the remote transaction: %s", ctx.job_id, exc)
+
+
+def _cookie(headers) -> str | None:
+    """Set-Cookie of the creation answer as one Cookie header (spec 2.4); the plugin keeps the
+    last one only, we keep them all."""
+    values = [v.split(";", 1)[0].strip() for k, v in headers.multi_items() if k.lower() == "set-cookie"]
+    return "; ".join(v for v in values if v) or None
