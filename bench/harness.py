@@ -124,9 +124,8 @@ class Daemon:
 
     def start(self) -> "Daemon":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
         cfg = dict(self.config)
-        cfg["HttpPort"] = self.port
+        self.port = cfg.setdefault("HttpPort", free_port())  # a given port lets peers point here
         cfg.setdefault("StorageDirectory", str(self.workdir / "storage"))
         cfg.setdefault("HttpBindAddress", "127.0.0.1")     # never expose a benchmark daemon
         config_path = self.workdir / "config.json"
