@@ -182,6 +182,7 @@ async def put_bucket(request: Request) -> Response:
                 tx.touch()
         await to_thread.run_sync(writer.feed, b"".join(pending))
         await to_thread.run_sync(writer.finish)
+        await to_thread.run_sync(receiver.landed, tx, index, writer)
     except NetworkProtocol as exc:
         raise NetworkProtocol(f"Bucket {index}: {exc.details}") from exc
     finally:

@@ -67,18 +67,20 @@ class StorageArea:
             os.fsync(f.fileno())
         return StoredFile(uuid, len(data), md5, len(stored), stored_md5, self.compress)
 
-    def stage_file(self, source: Path, size: int, md5: str) -> StoredFile:
+    def stage_file(self, source: Path, size: int, md5: str, *, synced: bool = False) -> StoredFile:
         """Adopt an already verified file (e.g. a transfer's assembled instance).
 
-        The caller guarantees `size` and `md5`. Uncompressed, the file is renamed into staging
-        (`source` must be on the storage area's filesystem); compressed, a compressed copy is
-        staged and `source` stays until `forget_source`.
+        The caller guarantees `size` and `md5` (and, with `synced`, that the file is already
+        fsync'ed). Uncompressed, the file is renamed into staging (`source` must be on the storage
+        area's filesystem); compressed, a compressed copy is staged and `source` stays until
+        `forget_source`.
         """
         if self.compress:
             return self.stage_bytes(Path(source).read_bytes(), md5)
         uuid = str(uuidlib.uuid4())
-        with open(source, "rb+") as f:
-            os.fsync(f.fileno())
+        if not synced:
+            with open(source, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(source, self.staging / uuid)
         return StoredFile(uuid, size, md5, size, md5, False)
 

@@ -17,6 +17,7 @@ import pydicom
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement
+from pydicom.filereader import read_partial
 
 from protocol.errors import BadFileFormat
 from protocol.resources import Level, ResourceIds, resource_ids, strip_padding
@@ -53,6 +54,15 @@ _TEXT_DELIMITERS = {
     "LT": {0x0D, 0x0A, 0x09, 0x0C},
     "UT": {0x0D, 0x0A, 0x09, 0x0C},
 }
+_LAST_MAIN_TAG = max(tag_for_keyword(kw) for names in MAIN_TAGS.values() for kw in names)
+
+
+def _past_main_tags(tag, vr, length) -> bool:
+    """Stop reading a header after the last tag ingest needs (private groups and pixel data
+    after it are never parsed)."""
+    return tag > _LAST_MAIN_TAG
+
+
 _BINARY_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d"}
 
 
@@ -102,7 +112,7 @@ def keyword_of(name: str) -> str:
 
 def _parse(stream: BinaryIO, size: int) -> ParsedInstance:
     try:
-        ds = pydicom.dcmread(stream, stop_before_pixels=True, force=True)
+        ds = read_partial(stream, stop_when=_past_main_tags, force=True)
         encodings = _encodings(ds)
         values = {
             level: {kw: v for kw in names if (v := _value(ds, tag_for_keyword(kw), encodings)) is not None}

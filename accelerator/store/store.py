@@ -22,11 +22,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FileToIngest:
-    """An assembled file whose size and MD5 the caller has already verified."""
+    """An assembled file whose size and MD5 the caller has already verified.
+
+    A transfer that prepared the file as it arrived passes its parsed header and says it is
+    already fsync'ed, so that the commit is only renames and one index transaction.
+    """
 
     path: Path
     size: int
     md5: str
+    parsed: ParsedInstance | None = None
+    synced: bool = False
 
 
 class Store:
@@ -77,11 +83,11 @@ class Store:
         Every file is parsed before any is touched, and a batch that fails puts the files back
         where they were, so the caller can fix the cause and try again.
         """
-        parsed = [parse_file(f.path) for f in files]
+        parsed = [f.parsed or parse_file(f.path) for f in files]
         staged: list[StoredFile] = []
         try:
             for f in files:
-                staged.append(self.area.stage_file(f.path, f.size, f.md5))
+                staged.append(self.area.stage_file(f.path, f.size, f.md5, synced=f.synced))
             outcomes = self._commit(list(zip(parsed, staged)), origin, "")
         except BaseException:
             for f, stored in zip(files, staged):

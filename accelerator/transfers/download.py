@@ -1,10 +1,12 @@
 """The download area of one transfer: a folder with one pre-sized file per expected instance.
 
 Buckets are scattered into these files as they arrive (in any order, from several workers at
-once: each bucket owns distinct byte ranges), then every instance is checked against its declared
-MD5, then the files are handed to the store in one transaction. The folder lives next to the
-storage area, on the same filesystem, so that handing over is a rename, and it survives a restart.
-Memory use is one bounded piece of a bucket at a time, never a whole instance.
+once: each bucket owns distinct byte ranges). As the last bucket of an instance lands, the
+instance is verified against its declared MD5, fsync'ed and its DICOM header parsed, in the
+worker thread that wrote it (`Assembly`), so that the commit after the last bucket is only renames
+and one index transaction. The folder lives next to the storage area, on the same filesystem, so
+that handing over is a rename, and it survives a restart. Memory use is one bounded bucket at a
+time, never a whole instance.
 """
 
 from __future__ import annotations
@@ -13,15 +15,17 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from accelerator.store import FileToIngest
+from accelerator.store.dicom import parse_file
 from protocol.chunks import ScatterRange
 from protocol.codecs import stream_decoder
-from protocol.errors import ParameterOutOfRange, UnknownResource
-from protocol.messages import InstanceInfo
+from protocol.errors import BadFileFormat, ParameterOutOfRange, UnknownResource
+from protocol.messages import Bucket, InstanceInfo
 
 _BLOCK = 1 << 20
 SPOOL_IN_MEMORY = 16 << 20
@@ -59,25 +63,19 @@ class DownloadArea:
             if r.instance_offset + r.length > info.size:
                 raise ParameterOutOfRange(f"Chunk beyond the end of instance {r.instance_id}")
 
-    def bad_instances(self, threads: int = 2) -> list[str]:
-        """IDs whose file does not have the declared size and MD5, in ID order."""
-        def bad(info: InstanceInfo) -> bool:
-            path = self.path_of(info.id)
-            try:
-                if path.stat().st_size != info.size:
-                    return True
-                return _md5(path) != info.md5
-            except FileNotFoundError:
-                return True
-
-        ordered = sorted(self.instances.values(), key=lambda i: i.id)
-        with ThreadPoolExecutor(max(1, threads)) as pool:  # hashlib releases the GIL
-            verdicts = list(pool.map(bad, ordered))
-        return [info.id for info, is_bad in zip(ordered, verdicts) if is_bad]
-
-    def files(self) -> list[FileToIngest]:
-        return [FileToIngest(self.path_of(i.id), i.size, i.md5)
-                for i in sorted(self.instances.values(), key=lambda i: i.id)]
+    def md5_of(self, instance_id: str) -> str | None:
+        """MD5 of the file as it is on disk; None if it is missing or has the wrong size."""
+        path = self.path_of(instance_id)
+        try:
+            if path.stat().st_size != self.instances[instance_id].size:
+                return None
+        except FileNotFoundError:
+            return None
+        digest = hashlib.md5()
+        with open(path, "rb") as f:
+            while block := f.read(_BLOCK):
+                digest.update(block)
+        return digest.hexdigest()
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -88,9 +86,10 @@ class PayloadWriter:
     then writes it into the instance files, so a rejected bucket leaves no trace.
 
     The decoded bytes wait in a spool (memory up to SPOOL_IN_MEMORY, then a temporary file in the
-    area's folder). Blocking (decompression and disk writes): call from a worker thread. Raises
-    NetworkProtocol when the payload does not decode to exactly the bucket's size (a gzip bomb
-    stops at the bound).
+    area's folder). While scattering, chunks that are whole instances are hashed on the way
+    (`digests`), which spares re-reading them for their MD5. Blocking (decompression and disk
+    writes): call from a worker thread. Raises NetworkProtocol when the payload does not decode
+    to exactly the bucket's size (a gzip bomb stops at the bound).
     """
 
     def __init__(self, area: DownloadArea, ranges: Sequence[ScatterRange], compression: str,
@@ -103,6 +102,8 @@ class PayloadWriter:
         self.done_in_range = 0
         self.position = 0  # raw bytes written so far
         self.received = 0  # wire bytes fed so far
+        self.digests: dict[str, str] = {}  # MD5 of the chunks that are whole instances
+        self._hasher = None
 
     def feed(self, piece: bytes) -> None:
         self.received += len(piece)
@@ -118,6 +119,15 @@ class PayloadWriter:
             self.spool.close()
         return self.position
 
+    def write_all(self, payload: bytes) -> int:
+        """`feed` + `finish` for a payload already in memory, without spooling it."""
+        self.received += len(payload)
+        data = self.decoder.feed(payload)
+        self.decoder.finish()
+        self.spool.close()
+        self._scatter(data)
+        return self.position
+
     def close(self) -> None:
         """Drop a payload that will not be finished."""
         self.spool.close()
@@ -126,25 +136,108 @@ class PayloadWriter:
         view = memoryview(data)
         while view and self.index < len(self.ranges):
             r = self.ranges[self.index]
+            if self.done_in_range == 0 and r.instance_offset == 0 and \
+                    r.length == self.area.instances[r.instance_id].size:
+                self._hasher = hashlib.md5()
             take = min(len(view), r.length - self.done_in_range)
+            piece = view[:take]
             fd = os.open(self.area.path_of(r.instance_id), os.O_WRONLY)
             try:
                 written = 0
                 while written < take:
-                    written += os.pwrite(fd, view[written:take], r.instance_offset + self.done_in_range + written)
+                    written += os.pwrite(fd, piece[written:], r.instance_offset + self.done_in_range + written)
             finally:
                 os.close(fd)
+            if self._hasher is not None:
+                self._hasher.update(piece)
             view = view[take:]
             self.position += take
             self.done_in_range += take
             if self.done_in_range == r.length:
+                if self._hasher is not None:
+                    self.digests[r.instance_id] = self._hasher.hexdigest()
+                    self._hasher = None
                 self.index += 1
                 self.done_in_range = 0
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+class Assembly:
+    """Which buckets of a plan have landed, and the instances made ready as their last one lands.
+
+    `landed` is called by worker threads (blocking work; no lock held during I/O). An instance is
+    ready once its MD5 matches, its file is fsync'ed and its header parsed. `settle` checks, from
+    the files on disk, every instance not ready yet (buckets that landed before a restart, or
+    never), and returns the bad ones; `refetch` gives back the buckets to send again for them.
+    """
+
+    def __init__(self, area: DownloadArea, buckets: Sequence[Bucket], landed: Sequence[int] = ()):
+        self.area = area
+        self.buckets = list(buckets)
+        self.waiting: dict[str, set[int]] = {iid: set() for iid in area.instances}
+        for index, bucket in enumerate(self.buckets):
+            for chunk in bucket:
+                if chunk.size:
+                    self.waiting[chunk.instance_id].add(index)
+        for index in landed:
+            self._mark(index)
+        self.ready: dict[str, FileToIngest] = {}
+        self._lock = threading.Lock()
+
+    def _mark(self, index: int) -> list[str]:
+        """Record bucket `index` as landed; returns the instances it completes (again)."""
+        complete = []
+        for instance_id in dict.fromkeys(c.instance_id for c in self.buckets[index] if c.size):
+            waiting = self.waiting.get(instance_id)
+            if waiting is not None:
+                waiting.discard(index)
+                if not waiting:
+                    complete.append(instance_id)
+        return complete
+
+    def landed(self, index: int, digests: dict[str, str]) -> None:
+        with self._lock:
+            complete = self._mark(index)
+        for instance_id in complete:
+            self._prepare(instance_id, digests.get(instance_id))
+
+    def _prepare(self, instance_id: str, md5: str | None = None) -> bool:
+        info = self.area.instances[instance_id]
+        if (md5 or self.area.md5_of(instance_id)) != info.md5:
+            with self._lock:
+                self.ready.pop(instance_id, None)
+            return False
+        path = self.area.path_of(instance_id)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        try:
+            parsed = parse_file(path)
+        except BadFileFormat:
+            parsed = None  # the commit parses again and reports it
+        with self._lock:
+            self.ready[instance_id] = FileToIngest(path, info.size, info.md5, parsed, synced=True)
+        return True
+
+    def settle(self, threads: int = 2) -> list[str]:
+        """Check every instance not ready yet from its file; returns the bad ones, sorted."""
+        with self._lock:
+            todo = sorted(iid for iid in self.area.instances if iid not in self.ready)
+        if not todo:
+            return []
+        with ThreadPoolExecutor(max(1, threads)) as pool:  # hashlib releases the GIL
+            verdicts = list(pool.map(self._prepare, todo))
+        return [iid for iid, good in zip(todo, verdicts) if not good]
+
+    def refetch(self, instance_ids: Sequence[str]) -> set[int]:
+        """The buckets to send again for these instances, which wait for them once more."""
+        wanted = set(instance_ids)
+        again = {i for i, bucket in enumerate(self.buckets) if any(c.instance_id in wanted for c in bucket)}
+        with self._lock:
+            for index in again:
+                for chunk in self.buckets[index]:
+                    if chunk.size and chunk.instance_id in wanted:
+                        self.waiting[chunk.instance_id].add(index)
+        return again
+
+    def files(self) -> list[FileToIngest]:
+        """Every instance, ready, in ID order (call after `settle` found nothing bad)."""
+        return [self.ready[iid] for iid in sorted(self.ready)]

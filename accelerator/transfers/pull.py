@@ -10,6 +10,7 @@ index transaction.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from anyio import to_thread
 from accelerator.jobs.base import JobContext, JobFailure
 from accelerator.peers import Peers
 from accelerator.store import Store
-from accelerator.transfers.download import DownloadArea
+from accelerator.transfers.download import Assembly, DownloadArea
 from accelerator.transfers.workers import Counters, run_pool
 from protocol.chunks import chunk_uri, scatter_ranges
 from protocol.errors import NetworkProtocol, OrthancError
@@ -66,6 +67,7 @@ class PullDriver:
         done: set[int] = set(state["done"])
         area = self.area(ctx, instances)
         await to_thread.run_sync(area.create)
+        assembly = Assembly(area, buckets, landed=done)
         counters = Counters(len(buckets), completed=len(done))
         received = state.get("received", 0)
 
@@ -77,21 +79,24 @@ class PullDriver:
                 response = await peer.request("GET", uri, what=f"GET bucket {index} ({bucket_size(bucket)} bytes)")
                 writer = area.payload_writer(scatter_ranges(bucket), query.compression, bucket_size(bucket))
                 try:
-                    await to_thread.run_sync(_write_all, writer, response.content)
+                    await to_thread.run_sync(writer.write_all, response.content)
                     break
                 except NetworkProtocol as exc:  # truncated or corrupt payload: fetch it again
                     if attempt == self.retries:
                         raise NetworkProtocol(f"peer {query.peer!r}: bucket {index} is corrupt: {exc.details}") from exc
                     log.warning("job %s: bucket %d corrupt (%s), fetching it again", ctx.job_id, index, exc.details)
+            await to_thread.run_sync(assembly.landed, index, writer.digests)  # verify, sync, parse
             done.add(index)
             received += len(response.content)
             counters.bucket_done(len(response.content))
             await ctx.save(dict(state, done=sorted(done), received=received),
                            content=counters.content("DownloadedSizeMB", received), progress=counters.progress)
 
+        started = time.monotonic()
         for verify_round in range(VERIFY_ROUNDS + 1):
             await run_pool([i for i in range(len(buckets)) if i not in done], self.threads, fetch)
-            bad = await to_thread.run_sync(area.bad_instances, 2)
+            fetched = time.monotonic()
+            bad = await to_thread.run_sync(assembly.settle, 2)
             if not bad:
                 break
             if verify_round == VERIFY_ROUNDS:
@@ -99,14 +104,17 @@ class PullDriver:
                                  f"after {VERIFY_ROUNDS} re-fetches: {', '.join(bad[:5])}")
             log.warning("job %s: %d instance(s) fail their MD5 check, fetching their buckets again",
                         ctx.job_id, len(bad))
-            bad_set = set(bad)
-            done -= {i for i, b in enumerate(buckets) if any(c.instance_id in bad_set for c in b)}
+            done -= assembly.refetch(bad)
 
+        settled = time.monotonic()
         try:
-            await to_thread.run_sync(lambda: self.store.ingest_files(area.files(), origin="Plugins"))
+            await to_thread.run_sync(lambda: self.store.ingest_files(assembly.files(), origin="Plugins"))
         except OrthancError as exc:
             raise JobFailure(f"cannot store the instances pulled from {query.peer!r}: {exc}") from exc
         await to_thread.run_sync(area.remove)
+        log.info("job %s: %d bucket(s) from %r in %.2f s, verified in %.2f s, committed %d instance(s) in %.2f s",
+                 ctx.job_id, len(buckets), query.peer, fetched - started, settled - fetched, len(instances),
+                 time.monotonic() - settled)
 
     async def _plan(self, ctx: JobContext, query: TransferQuery, peer) -> dict[str, Any] | None:
         response = await peer.request(
@@ -141,14 +149,6 @@ class PullDriver:
 
     async def discard(self, ctx: JobContext) -> None:
         await to_thread.run_sync(lambda: DownloadArea(self.folder / ctx.job_id, []).remove())
-
-
-def _write_all(writer, payload: bytes) -> None:
-    try:
-        writer.feed(payload)
-        writer.finish()
-    finally:
-        writer.close()
 
 
 def sender_transfer_id(ctx: JobContext) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 import orjson
 
 from accelerator.store import Store
-from accelerator.transfers.download import DownloadArea, PayloadWriter
+from accelerator.transfers.download import Assembly, DownloadArea, PayloadWriter
 from protocol.chunks import scatter_ranges
 from protocol.errors import BadFileFormat, CorruptedFile, ParameterOutOfRange, ServiceBusy, UnknownResource
 from protocol.messages import PushTransaction, bucket_size, validate_push_plan
@@ -39,6 +39,7 @@ class Transaction:
     id: str
     plan: PushTransaction
     area: DownloadArea
+    assembly: Assembly
     last_activity: float
     lock: threading.Lock = field(default_factory=threading.Lock)  # held by a commit
     busy: int = 0  # PUTs in progress
@@ -73,7 +74,8 @@ class PushReceiver:
                 shutil.rmtree(entry, ignore_errors=True)
                 continue
             area = DownloadArea(entry, plan.instances).create()
-            self._transactions[entry.name] = Transaction(entry.name, plan, area, time.monotonic())
+            self._transactions[entry.name] = Transaction(
+                entry.name, plan, area, Assembly(area, plan.buckets), time.monotonic())
         if self._transactions:
             log.info("resumed %d push transaction(s) from disk", len(self._transactions))
 
@@ -94,7 +96,8 @@ class PushReceiver:
         os.replace(building, self.folder / tx_id)
         area = DownloadArea(self.folder / tx_id, plan.instances)
         with self._lock:
-            self._transactions[tx_id] = Transaction(tx_id, plan, area, time.monotonic())
+            self._transactions[tx_id] = Transaction(
+                tx_id, plan, area, Assembly(area, plan.buckets), time.monotonic())
         return tx_id
 
     def _make_room(self) -> None:
@@ -146,6 +149,10 @@ class PushReceiver:
         bucket = tx.plan.buckets[index]
         return tx.area.payload_writer(scatter_ranges(bucket), tx.plan.compression, bucket_size(bucket))
 
+    def landed(self, tx: Transaction, index: int, writer: PayloadWriter) -> None:
+        """A bucket was written: prepare the instances it completes (blocking)."""
+        tx.assembly.landed(index, writer.digests)
+
     def end_bucket(self, tx: Transaction) -> None:
         tx.touch()
         with self._lock:
@@ -163,12 +170,12 @@ class PushReceiver:
             if self._transactions.get(tx_id) is not tx:
                 raise UnknownResource(f"Unknown push transaction: {tx_id}")  # committed meanwhile
             tx.touch()
-            bad = tx.area.bad_instances(self.commit_threads)
+            bad = tx.assembly.settle(self.commit_threads)
             if bad:
                 shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
                 raise CorruptedFile(f"Bad MD5 sum in {len(bad)} transferred DICOM instance(s): {shown}")
             try:
-                self.store.ingest_files(tx.area.files(), origin="Plugins")
+                self.store.ingest_files(tx.assembly.files(), origin="Plugins")
             except BadFileFormat as exc:
                 raise CorruptedFile(f"Cannot import a transferred DICOM instance: {exc}") from exc
             with self._lock:

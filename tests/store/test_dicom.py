@@ -100,3 +100,12 @@ def test_read_tag_by_keyword_and_by_number():
     assert read_tag(path, "KVP") == read_tag(path, "0018,0060") == expected
     assert read_tag(path, "NoSuchKeyword") is None
     assert keyword_of("0010,0010") == "PatientName"
+
+
+def test_main_tags_of_late_groups_are_read():
+    """ImageIndex (0054,1330) is the last main tag: the header must be read that far."""
+    data = make_instance(ImageIndex=7, NumberOfSlices=42, InstanceNumber=None)
+    parsed = parse_bytes(data)
+    assert parsed.tags[Level.INSTANCE]["ImageIndex"] == "7"
+    assert parsed.tags[Level.SERIES]["NumberOfSlices"] == "42"
+    assert parsed.index_in_series == 7
