@@ -9,6 +9,7 @@ lost the transaction meanwhile (404), the push starts again with a new one.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from anyio import to_thread
@@ -25,6 +26,7 @@ from protocol.errors import NetworkProtocol, OrthancError
 from protocol.messages import (
     Created,
     InstanceInfo,
+    LookupAnswer,
     PushTransaction,
     TransferQuery,
     bucket_to_json,
@@ -34,8 +36,10 @@ from protocol.messages import (
 from protocol.planner import plan_push_buckets
 
 log = logging.getLogger(__name__)
+_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
 
 JOB_TYPE = "PushTransfer"
+COMMIT_ROUNDS = 3  # commits refused on MD5, with the named buckets sent again in between
 
 
 class TransactionLost(Exception):
@@ -54,11 +58,12 @@ class PushDriver:
         query = TransferQuery.from_json(ctx.query)
         peer = self.peers.get(query.peer)
         state = ctx.checkpoint or await self._plan(ctx, query)
-        for attempt in (1, 2):
+        for attempt in range(1, 3):
             if state.get("transaction") is None:
                 state = await self._create(ctx, query, peer, state)
             try:
                 await self._send(ctx, query, peer, state)
+                await self._commit(ctx, query, peer, state)
                 break
             except TransactionLost:
                 if attempt == 2:
@@ -66,10 +71,54 @@ class PushDriver:
                 log.warning("job %s: peer %r lost transaction %s, starting a new one",
                             ctx.job_id, query.peer, state["transaction"])
                 state = dict(state, transaction=None, cookie=None, done=[], sent=0)
-        await peer.request("POST", f"{state['transaction']}/commit", content=b"",
-                           headers=self._headers(ctx, state), timeout=self.commit_timeout,
-                           what="commit of the push transaction")
         await ctx.save(dict(state, committed=True), progress=1.0)
+
+    async def _commit(self, ctx: JobContext, query: TransferQuery, peer, state: dict) -> None:
+        """Commit; a commit that fails on MD5 gets the named instances' buckets sent again, and a
+        404 (the answer to a commit that succeeded was lost, or the transaction was evicted) is
+        settled by looking up what the receiver really stores."""
+        for attempt in range(1, COMMIT_ROUNDS + 1):
+            response = await peer.request(
+                "POST", f"{state['transaction']}/commit", content=b"", headers=self._headers(ctx, state),
+                timeout=self.commit_timeout, what="commit of the push transaction", accept_statuses=(404, 500))
+            if response.status_code == 200:
+                return
+            if response.status_code == 404:
+                if await self._receiver_has_everything(ctx, query, peer, state):
+                    log.info("job %s: commit answer lost, but %r stores every instance", ctx.job_id, query.peer)
+                    return
+                raise TransactionLost()
+            if attempt == COMMIT_ROUNDS:
+                raise JobFailure(f"peer {query.peer!r} refused the commit {COMMIT_ROUNDS} times: "
+                                 f"HTTP 500: {response.text[:300]}")
+            resend = self._buckets_of(state, _named_instances(response.text, len(state["instances"])))
+            log.warning("job %s: commit refused by %r (%s), sending %d bucket(s) again",
+                        ctx.job_id, query.peer, response.text[:200], len(resend))
+            state.update(done=sorted(set(state["done"]) - resend))
+            await ctx.save(dict(state))
+            await self._send(ctx, query, peer, state)
+
+    @staticmethod
+    def _buckets_of(state: dict, instance_ids: set[str] | None) -> set[int]:
+        """Indices of the buckets holding these instances (all buckets for None)."""
+        buckets = [parse_bucket(b) for b in state["buckets"]]
+        if instance_ids is None:
+            return set(range(len(buckets)))
+        return {i for i, b in enumerate(buckets) if any(c.instance_id in instance_ids for c in b)}
+
+    async def _receiver_has_everything(self, ctx: JobContext, query: TransferQuery, peer, state: dict) -> bool:
+        wanted = {i["ID"]: i["MD5"] for i in state["instances"]}
+        response = await peer.request(
+            "POST", "/transfers/lookup", json=[{"Level": "Instance", "ID": i} for i in wanted],
+            headers={"sender-transfer-id": sender_transfer_id(ctx), "Expect": ""}, what="lookup after commit",
+            accept_statuses=(404,), expect_json=True)
+        if response.status_code == 404:
+            return False
+        try:
+            found = {i.id: i.md5 for i in LookupAnswer.from_json(response.json()).instances}
+        except (ValueError, OrthancError):
+            return False
+        return found == wanted
 
     async def _plan(self, ctx: JobContext, query: TransferQuery) -> dict[str, Any]:
         try:
@@ -150,6 +199,15 @@ class PushDriver:
                 what="discard of the push transaction", accept_statuses=(404,))
         except OrthancError as exc:
             log.warning("job %s: could not delete the remote transaction: %s", ctx.job_id, exc)
+
+
+def _named_instances(details: str, declared: int) -> set[str] | None:
+    """The instance IDs a refused commit names, or None when it does not name them all."""
+    named = set(_ID.findall(details))
+    shown = re.search(r"Bad MD5 sum in (\d+)", details)
+    if not named or (shown and int(shown.group(1)) > len(named)) or len(named) > declared:
+        return None
+    return named
 
 
 def _cookie(headers) -> str | None:
