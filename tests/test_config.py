@@ -5,12 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 from accelerator.config import (
     DEFAULTS,
@@ -22,10 +19,12 @@ from accelerator.config import (
     load_config,
     parse_config_text,
 )
-from protocol.errors import ConfigError  # noqa: E402
+from protocol.errors import ConfigError
+from tests.wire_samples import SAMPLES
 
+ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config.example.json"
-WIRE_SAMPLE = Path("/work/shared/wire-samples/configs/bucket-4096k/a.json")
+WIRE_SAMPLE = SAMPLES / "configs" / "bucket-4096k" / "a.json"
 
 
 def write(path: Path, text: str) -> Path:
