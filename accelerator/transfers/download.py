@@ -50,10 +50,10 @@ class DownloadArea:
         return self.folder / instance_id  # IDs are validated Orthanc IDs: never a path
 
     def payload_writer(self, ranges: Sequence[ScatterRange], compression: str,
-                       expected_size: int) -> "PayloadWriter":
+                       expected_size: int, *, spool: bool = True) -> "PayloadWriter":
         """A writer that decodes a bucket's wire payload piece by piece and scatters it."""
         self.check_ranges(ranges)
-        return PayloadWriter(self, ranges, compression, expected_size)
+        return PayloadWriter(self, ranges, compression, expected_size, spool=spool)
 
     def check_ranges(self, ranges: Sequence[ScatterRange]) -> None:
         for r in ranges:
@@ -82,21 +82,23 @@ class DownloadArea:
 
 
 class PayloadWriter:
-    """Feed the wire payload of one bucket as it arrives; `finish` checks its exact size and only
-    then writes it into the instance files, so a rejected bucket leaves no trace.
+    """Feed the wire payload of one bucket as it arrives; `finish` checks its exact size.
 
-    The decoded bytes wait in a spool (memory up to SPOOL_IN_MEMORY, then a temporary file in the
-    area's folder). While scattering, chunks that are whole instances are hashed on the way
-    (`digests`), which spares re-reading them for their MD5. Blocking (decompression and disk
-    writes): call from a worker thread. Raises NetworkProtocol when the payload does not decode
-    to exactly the bucket's size (a gzip bomb stops at the bound).
+    With `spool` (push receiver), the decoded bytes wait in a spool (memory up to
+    SPOOL_IN_MEMORY, then a temporary file in the area's folder) and reach the instance files only
+    once the size is right, so a rejected bucket leaves no trace. Without it (a pull, which simply
+    fetches a bad bucket again into the same ranges), they are scattered as they come, so memory
+    stays one piece per worker. Chunks that are whole instances are hashed on the way (`digests`),
+    which spares re-reading them for their MD5. Blocking (decompression and disk writes): call
+    from a worker thread. Raises NetworkProtocol when the payload does not decode to exactly the
+    bucket's size (a gzip bomb stops at the bound).
     """
 
     def __init__(self, area: DownloadArea, ranges: Sequence[ScatterRange], compression: str,
-                 expected_size: int):
+                 expected_size: int, *, spool: bool = True):
         self.area = area
         self.decoder = stream_decoder(compression, expected_size)
-        self.spool = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, dir=area.folder)
+        self.spool = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, dir=area.folder) if spool else None
         self.ranges = list(ranges)
         self.index = 0  # current range
         self.done_in_range = 0
@@ -107,30 +109,27 @@ class PayloadWriter:
 
     def feed(self, piece: bytes) -> None:
         self.received += len(piece)
-        self.spool.write(self.decoder.feed(piece))
+        data = self.decoder.feed(piece)
+        if self.spool is None:
+            self._scatter(data)
+        else:
+            self.spool.write(data)
 
     def finish(self) -> int:
         try:
             self.decoder.finish()
-            self.spool.seek(0)
-            while block := self.spool.read(_BLOCK):
-                self._scatter(block)
+            if self.spool is not None:
+                self.spool.seek(0)
+                while block := self.spool.read(_BLOCK):
+                    self._scatter(block)
         finally:
-            self.spool.close()
-        return self.position
-
-    def write_all(self, payload: bytes) -> int:
-        """`feed` + `finish` for a payload already in memory, without spooling it."""
-        self.received += len(payload)
-        data = self.decoder.feed(payload)
-        self.decoder.finish()
-        self.spool.close()
-        self._scatter(data)
+            self.close()
         return self.position
 
     def close(self) -> None:
         """Drop a payload that will not be finished."""
-        self.spool.close()
+        if self.spool is not None:
+            self.spool.close()
 
     def _scatter(self, data: bytes) -> None:
         view = memoryview(data)

@@ -15,12 +15,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 from anyio import to_thread
 
 from accelerator.jobs.base import JobContext, JobFailure
 from accelerator.peers import Peers
 from accelerator.store import Store
-from accelerator.transfers.download import Assembly, DownloadArea
+from accelerator.transfers.download import Assembly, DownloadArea, PayloadWriter
 from accelerator.transfers.workers import Counters, run_pool
 from protocol.chunks import chunk_uri, scatter_ranges
 from protocol.errors import NetworkProtocol, OrthancError
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 JOB_TYPE = "PullTransfer"
 VERIFY_ROUNDS = 2  # re-fetch rounds for instances that fail their MD5 check
+_FEED_BLOCK = 1 << 20
 
 
 class PullDriver:
@@ -74,21 +76,11 @@ class PullDriver:
         async def fetch(index: int) -> None:
             nonlocal received
             bucket = buckets[index]
-            uri = chunk_uri(bucket, query.compression)
-            for attempt in range(1 + self.retries):
-                response = await peer.request("GET", uri, what=f"GET bucket {index} ({bucket_size(bucket)} bytes)")
-                writer = area.payload_writer(scatter_ranges(bucket), query.compression, bucket_size(bucket))
-                try:
-                    await to_thread.run_sync(writer.write_all, response.content)
-                    break
-                except NetworkProtocol as exc:  # truncated or corrupt payload: fetch it again
-                    if attempt == self.retries:
-                        raise NetworkProtocol(f"peer {query.peer!r}: bucket {index} is corrupt: {exc.details}") from exc
-                    log.warning("job %s: bucket %d corrupt (%s), fetching it again", ctx.job_id, index, exc.details)
+            writer = await self._fetch(peer, query, bucket, index, area)
             await to_thread.run_sync(assembly.landed, index, writer.digests)  # verify, sync, parse
             done.add(index)
-            received += len(response.content)
-            counters.bucket_done(len(response.content))
+            received += writer.received
+            counters.bucket_done(writer.received)
             await ctx.save(dict(state, done=sorted(done), received=received),
                            content=counters.content("DownloadedSizeMB", received), progress=counters.progress)
 
@@ -115,6 +107,26 @@ class PullDriver:
         log.info("job %s: %d bucket(s) from %r in %.2f s, verified in %.2f s, committed %d instance(s) in %.2f s",
                  ctx.job_id, len(buckets), query.peer, fetched - started, settled - fetched, len(instances),
                  time.monotonic() - settled)
+
+    async def _fetch(self, peer, query: TransferQuery, bucket, index: int, area: DownloadArea) -> PayloadWriter:
+        """GET one bucket, streaming it into the instance files. The peer client retries the
+        request; a body that breaks or decodes badly is fetched again here."""
+        size = bucket_size(bucket)
+        uri = chunk_uri(bucket, query.compression)
+        for attempt in range(1 + self.retries):
+            writer = area.payload_writer(scatter_ranges(bucket), query.compression, size, spool=False)
+            async with peer.stream("GET", uri, what=f"GET bucket {index} ({size} bytes)") as response:
+                try:
+                    await _receive(response, writer)
+                    return writer
+                except (httpx.TransportError, NetworkProtocol) as exc:
+                    cause = exc.details if isinstance(exc, NetworkProtocol) else f"{type(exc).__name__}: {exc}"
+            if attempt == self.retries:
+                raise NetworkProtocol(f"peer {query.peer!r}: GET bucket {index} ({uri.split('?')[0]}) failed "
+                                      f"after {attempt + 1} attempts: the answer is corrupt or cut short: {cause}")
+            log.warning("job %s: bucket %d from %r is corrupt or cut short (%s), fetching it again",
+                        area.folder.name, index, query.peer, cause)
+        raise AssertionError("unreachable")
 
     async def _plan(self, ctx: JobContext, query: TransferQuery, peer) -> dict[str, Any] | None:
         response = await peer.request(
@@ -149,6 +161,20 @@ class PullDriver:
 
     async def discard(self, ctx: JobContext) -> None:
         await to_thread.run_sync(lambda: DownloadArea(self.folder / ctx.job_id, []).remove())
+
+
+async def _receive(response: httpx.Response, writer: PayloadWriter) -> None:
+    """Feed the body to the writer in pieces of about 1 MiB, in a worker thread."""
+    pending: list[bytes] = []
+    size = 0
+    async for piece in response.aiter_raw():
+        pending.append(piece)
+        size += len(piece)
+        if size >= _FEED_BLOCK:
+            await to_thread.run_sync(writer.feed, b"".join(pending))
+            pending, size = [], 0
+    await to_thread.run_sync(writer.feed, b"".join(pending))
+    await to_thread.run_sync(writer.finish)
 
 
 def sender_transfer_id(ctx: JobContext) -> str:
