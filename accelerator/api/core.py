@@ -14,9 +14,9 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Route
 
 from accelerator import __version__
-from accelerator.api.http import json_answer, read_body
+from accelerator.api.http import json_answer, read_body, receive_to_file
 from accelerator.api.shapes import resource_json
-from accelerator.store import Store
+from accelerator.store import FileToIngest, Store
 from accelerator.store.schema import SCHEMA_VERSION
 from protocol.errors import BadRequest, ParameterOutOfRange, UnknownResource
 from protocol.resources import Level
@@ -24,6 +24,7 @@ from protocol.resources import Level
 Handler = Callable[[Request], Awaitable[Response]]
 EMULATED_ORTHANC_VERSION = "1.12.4"  # the REST API level we answer like
 _LABEL = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MEMORY_UPLOAD = 16 * 1024 * 1024  # larger uploads go through a file
 
 
 def route(path: str, **handlers: Handler) -> Route:
@@ -198,12 +199,26 @@ _ANCESTORS = {"patient": Level.PATIENT, "study": Level.STUDY, "series": Level.SE
 # -- instances ---------------------------------------------------------------------------------
 
 async def post_instances(request: Request) -> Response:
+    """Store one DICOM file. Small bodies are handled in memory; larger ones (or bodies of
+    unknown length) are streamed to a file first, so memory stays bounded by MEMORY_UPLOAD."""
     store = _store(request)
-    body = await read_body(request, request.app.state.config.maximum_request_body_bytes)
-    if not body:
-        raise BadRequest("The body is empty: POST /instances expects a DICOM file")
+    limit = request.app.state.config.maximum_request_body_bytes
     client = request.client.host if request.client else ""
-    outcome = await to_thread.run_sync(lambda: store.ingest_bytes(body, remote_ip=client))
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) <= MEMORY_UPLOAD:
+        body = await read_body(request, limit)
+        if not body:
+            raise BadRequest("The body is empty: POST /instances expects a DICOM file")
+        outcome = await to_thread.run_sync(lambda: store.ingest_bytes(body, remote_ip=client))
+    else:
+        path, size, md5 = await receive_to_file(request, limit, store.area.staging)
+        try:
+            if not size:
+                raise BadRequest("The body is empty: POST /instances expects a DICOM file")
+            upload = FileToIngest(path, size, md5)
+            outcome = await to_thread.run_sync(lambda: store.ingest_upload(upload, remote_ip=client))
+        finally:
+            path.unlink(missing_ok=True)  # adopted files were moved away already
     ids = outcome.parsed.ids
     return json_answer({
         "ID": ids.instance,

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import uuid
+from pathlib import Path
 from typing import Any
+
+from anyio import to_thread
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -22,6 +27,7 @@ from protocol.errors import (
 log = logging.getLogger(__name__)
 
 _PRETTY = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
+_WRITE_BLOCK = 1 << 20
 _METHOD_ORDER = ("GET", "POST", "PUT", "DELETE")  # HEAD is implicit, as in Orthanc
 
 
@@ -48,6 +54,40 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge(f"The body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def receive_to_file(request: Request, limit: int, folder: Path) -> tuple[Path, int, str]:
+    """Stream the request body into a new file under `folder`; returns (path, size, MD5).
+
+    For bodies too large to hold in memory; the file is removed if anything goes wrong.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"The body has {declared} bytes, the limit is {limit} bytes")
+    path = folder / f"upload-{uuid.uuid4()}"
+    digest = hashlib.md5()
+    size = 0
+    pending: list[bytes] = []
+
+    def write(f, data: bytes) -> None:
+        digest.update(data)
+        f.write(data)
+
+    try:
+        with open(path, "xb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"The body exceeds the limit of {limit} bytes")
+                pending.append(chunk)
+                if sum(map(len, pending)) >= _WRITE_BLOCK:
+                    await to_thread.run_sync(write, f, b"".join(pending))
+                    pending.clear()
+            await to_thread.run_sync(write, f, b"".join(pending))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, size, digest.hexdigest()
 
 
 def parse_json(body: bytes, error: type[OrthancError] = BadRequest) -> Any:

@@ -77,7 +77,16 @@ class Store:
             self.area.discard(stored.uuid)
             raise
 
-    def ingest_files(self, files: Sequence[FileToIngest], *, origin: str = "Plugins") -> list[Outcome]:
+    def ingest_upload(self, upload: FileToIngest, *, remote_ip: str = "") -> Outcome:
+        """A large POST /instances body already written to a file (moved into place if new)."""
+        parsed = upload.parsed or parse_file(upload.path)
+        if not self.overwrite and self.index.exists(parsed.ids.instance):
+            return Outcome("AlreadyStored", parsed)
+        staged = FileToIngest(upload.path, upload.size, upload.md5, parsed, upload.synced)
+        return self.ingest_files([staged], origin="RestApi", remote_ip=remote_ip)[0]
+
+    def ingest_files(self, files: Sequence[FileToIngest], *, origin: str = "Plugins",
+                     remote_ip: str = "") -> list[Outcome]:
         """Adopt verified files in one transaction; they are moved, not copied.
 
         Every file is parsed before any is touched, and a batch that fails puts the files back
@@ -88,7 +97,7 @@ class Store:
         try:
             for f in files:
                 staged.append(self.area.stage_file(f.path, f.size, f.md5, synced=f.synced))
-            outcomes = self._commit(list(zip(parsed, staged)), origin, "")
+            outcomes = self._commit(list(zip(parsed, staged)), origin, remote_ip)
         except BaseException:
             for f, stored in zip(files, staged):
                 self.area.unstage(stored.uuid, f.path)

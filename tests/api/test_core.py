@@ -264,3 +264,25 @@ async def test_errors_without_description(make_config):
         answer = await client.get("/patients/unknown")
         assert answer.status_code == 404 and answer.content == b""
     store.close()
+
+
+async def test_large_uploads_are_streamed_through_a_file(client, store, monkeypatch):
+    """Bodies above MEMORY_UPLOAD (or of unknown length) go to a file first; same results."""
+    from accelerator.api import core
+
+    monkeypatch.setattr(core, "MEMORY_UPLOAD", 1000)
+    data = make_instance(sop_uid="7.7.7")
+
+    async def chunked():
+        for i in range(0, len(data), 4000):
+            yield data[i:i + 4000]
+
+    first = await client.post("/instances", content=data)
+    again = await client.post("/instances", content=chunked())
+    assert (first.json()["Status"], again.json()["Status"]) == ("Success", "AlreadyStored")
+    assert (await client.get(f"/instances/{first.json()['ID']}/file")).content == data
+    metadata = (await client.get(f"/instances/{first.json()['ID']}/metadata?expand")).json()
+    assert metadata["RemoteIP"] == "127.0.0.1" and metadata["Origin"] == "RestApi"
+    bad = await client.post("/instances", content=b"not DICOM" * 500)
+    assert bad.status_code == 400
+    assert not [p for p in store.area.staging.iterdir()]  # no upload file left behind
