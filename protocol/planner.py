@@ -25,6 +25,22 @@ MAX_PULL_URL_LENGTH = 2000 - 44  # the plugin keeps URLs under 2000 chars, minus
 Instances = Mapping[str, int] | Iterable[tuple[str, int]] | Iterable[InstanceInfo]
 
 
+MIN_ADAPTIVE_BUCKET = 256 * 1024
+BUCKETS_PER_WORKER = 6  # in units of T; groups close between T and 2T, so at least 4 real ones
+
+
+def adaptive_bucket_size(total_size: int, bucket_size: int, workers: int) -> int:
+    """A bucket size for this transfer that gives every worker several buckets (at least 4), so
+    that no worker idles while the last buckets crawl over a slow link.
+
+    Only ever smaller than the configured size, never below MIN_ADAPTIVE_BUCKET; the plan is
+    still the plugin's algorithm with another T, which any peer accepts. Large transfers keep
+    the configured size exactly.
+    """
+    wanted = total_size // (max(1, workers) * BUCKETS_PER_WORKER)
+    return max(min(bucket_size, MIN_ADAPTIVE_BUCKET), min(bucket_size, wanted))
+
+
 def plan_push_buckets(instances: Instances, bucket_size: int) -> list[Bucket]:
     """Push plan: groups are limited by size only (the plan travels in a JSON body)."""
     return _plan(_sorted_sizes(instances), bucket_size, url_budget=None)

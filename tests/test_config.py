@@ -67,7 +67,7 @@ def test_defaults(tmp_path, monkeypatch):
     assert config.unknown_keys == ()
     assert config.source == "<defaults>"
     t = config.transfers
-    assert (t.threads, t.bucket_size, t.cache_size, t.max_push_transactions) == (4, 4096, 512, 4)
+    assert (t.threads, t.bucket_size, t.cache_size, t.max_push_transactions) == (12, 4096, 512, 4)
     assert (t.max_http_retries, t.peer_connectivity_timeout, t.peer_commit_timeout) == (3, 2, 600)
     assert t.commit_threads_count == 1
     assert t.bucket_size_bytes == 4096 * 1024
@@ -98,7 +98,7 @@ def test_config_from_dict_values(tmp_path):
     assert config.transfers.bucket_size == 64
     assert config.transfers.bucket_size_bytes == 65536
     assert config.transfers.commit_threads_count == 8
-    assert config.transfers.threads == 4  # untouched options keep their default
+    assert config.transfers.threads == 12  # untouched options keep their default
 
 
 def test_secrets_are_not_in_repr():

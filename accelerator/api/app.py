@@ -90,11 +90,11 @@ def _jobs_engine(config: Config, store: Store, peer_clients: Peers) -> JobsEngin
     pull_driver = pull.PullDriver(
         store=store, peers=peer_clients, folder=Path(config.storage_directory) / TRANSFERS_FOLDER / "pull",
         bucket_size=settings.bucket_size_bytes, threads=settings.threads, retries=settings.max_http_retries,
-        skip_stored=settings.skip_stored_instances,
+        skip_stored=settings.skip_stored_instances, adaptive=settings.adaptive_bucket_size,
     )
     push_driver = push.PushDriver(
         store=store, peers=peer_clients, bucket_size=settings.bucket_size_bytes, threads=settings.threads,
-        commit_timeout=settings.peer_commit_timeout,
+        commit_timeout=settings.peer_commit_timeout, adaptive=settings.adaptive_bucket_size,
     )
     engine = JobsEngine.from_config(config, store.index)
     engine.register(pull.JOB_TYPE, lambda ctx: pull_driver)

@@ -35,7 +35,7 @@ from protocol.messages import (
     parse_bucket,
     size_mb,
 )
-from protocol.planner import plan_pull_buckets
+from protocol.planner import adaptive_bucket_size, plan_pull_buckets
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ _FEED_BLOCK = 1 << 20
 
 class PullDriver:
     def __init__(self, *, store: Store, peers: Peers, folder: Path, bucket_size: int, threads: int,
-                 retries: int, skip_stored: bool = False):
+                 retries: int, skip_stored: bool = False, adaptive: bool = True):
         self.store = store
         self.peers = peers
         self.folder = Path(folder)
@@ -54,6 +54,7 @@ class PullDriver:
         self.threads = threads
         self.retries = retries
         self.skip_stored = skip_stored
+        self.adaptive = adaptive
 
     def area(self, ctx: JobContext, instances: list[InstanceInfo]) -> DownloadArea:
         return DownloadArea(self.folder / ctx.job_id, instances)
@@ -146,10 +147,11 @@ class PullDriver:
         if not instances:
             await ctx.save(None, progress=1.0)
             return None
-        buckets = plan_pull_buckets(instances, self.bucket_size, peer.url, query.compression)
+        total = sum(i.size for i in instances)
+        size = adaptive_bucket_size(total, self.bucket_size, self.threads) if self.adaptive else self.bucket_size
+        buckets = plan_pull_buckets(instances, size, peer.url, query.compression)
         state = {"instances": [i.to_json() for i in instances],
                  "buckets": [bucket_to_json(b) for b in buckets], "done": [], "received": 0}
-        total = sum(i.size for i in instances)
         await ctx.save(state, content={"TotalInstances": len(instances), "TotalSizeMB": size_mb(total),
                                        "CompletedHttpQueries": 0, "DownloadedSizeMB": 0},
                        progress=1 / (2 + len(buckets)))

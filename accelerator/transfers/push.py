@@ -33,7 +33,7 @@ from protocol.messages import (
     parse_bucket,
     size_mb,
 )
-from protocol.planner import plan_push_buckets
+from protocol.planner import adaptive_bucket_size, plan_push_buckets
 
 log = logging.getLogger(__name__)
 _ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
@@ -47,12 +47,14 @@ class TransactionLost(Exception):
 
 
 class PushDriver:
-    def __init__(self, *, store: Store, peers: Peers, bucket_size: int, threads: int, commit_timeout: float):
+    def __init__(self, *, store: Store, peers: Peers, bucket_size: int, threads: int, commit_timeout: float,
+                 adaptive: bool = True):
         self.store = store
         self.peers = peers
         self.bucket_size = bucket_size
         self.threads = threads
         self.commit_timeout = commit_timeout
+        self.adaptive = adaptive
 
     async def run(self, ctx: JobContext) -> None:
         query = TransferQuery.from_json(ctx.query)
@@ -125,11 +127,13 @@ class PushDriver:
             instances = await to_thread.run_sync(source.lookup, self.store, query.resources)
         except OrthancError as exc:
             raise JobFailure(f"cannot push: {exc}") from exc
-        buckets = plan_push_buckets(instances, self.bucket_size)
+        total = sum(i.size for i in instances)
+        size = adaptive_bucket_size(total, self.bucket_size, self.threads) if self.adaptive else self.bucket_size
+        buckets = plan_push_buckets(instances, size)
         state = {"instances": [i.to_json() for i in instances], "buckets": [bucket_to_json(b) for b in buckets],
                  "transaction": None, "cookie": None, "done": [], "sent": 0}
         await ctx.save(state, content={"TotalInstances": len(instances),
-                                       "TotalSizeMB": size_mb(sum(i.size for i in instances)),
+                                       "TotalSizeMB": size_mb(total),
                                        "CompletedHttpQueries": 0, "UploadedSizeMB": 0},
                        progress=1 / (2 + len(buckets)))
         return state

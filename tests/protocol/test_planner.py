@@ -260,3 +260,18 @@ def test_push_plans_cover_every_byte_once_within_bounds(case):
 def test_pull_plans_cover_every_byte_once_within_bounds(case):
     sizes, threshold, plan, pull = case
     _check_plan(sizes, threshold, plan, pull)
+
+
+def test_adaptive_bucket_size_only_shrinks_small_transfers():
+    from protocol.planner import MIN_ADAPTIVE_BUCKET, adaptive_bucket_size
+
+    T = 4 * 1024 * 1024
+    assert adaptive_bucket_size(10 * 1024**3, T, 12) == T  # large transfer: the configured size
+    assert adaptive_bucket_size(72 * 1024**2, T, 12) == 1024**2  # 72 MiB / (12 workers x 6)
+    assert adaptive_bucket_size(1024, T, 12) == MIN_ADAPTIVE_BUCKET  # never tiny buckets
+    assert adaptive_bucket_size(1024, 64 * 1024, 4) == 64 * 1024  # never above the configured size
+    # every worker gets at least 4 buckets when the floor does not bind
+    sizes = [(f"{i:08x}-00000000-00000000-00000000-00000000", 530_000) for i in range(100)]
+    total = sum(size for _, size in sizes)
+    buckets = plan_push_buckets(sizes, adaptive_bucket_size(total, T, 12))
+    assert len(buckets) >= 12 * 4

@@ -66,7 +66,8 @@ async def test_pull_from_the_recorded_plugin_stores_identical_instances(folder, 
     manifest = dataset(str(out))
     query = records[0].record["request"]["body"]["json"]  # the client's POST /transfers/pull
     peer_app, asked = recorded_peer(folder)
-    config = make_config({"Transfers": {"BucketSize": SCENARIOS[folder], "MaxHttpRetries": 0},
+    config = make_config({"Transfers": {"BucketSize": SCENARIOS[folder], "MaxHttpRetries": 0,
+                                        "AdaptiveBucketSize": False},
                           "OrthancPeers": {"b": {"Url": RECORDED_PEER_URL}}})
     store = open_store(config)
     peers = Peers(config, transport_factory=lambda peer: httpx.ASGITransport(app=peer_app))
