@@ -96,8 +96,15 @@ class Daemon:
     """
 
     def __init__(self, config: dict | None, workdir: Path, *, start_timeout: float = 30.0,
-                 stop_timeout: float = 10.0, python: str = sys.executable, args: tuple[str, ...] = ()):
+                 stop_timeout: float = 10.0, python: str = sys.executable, args: tuple[str, ...] = (),
+                 prefix: tuple[str, ...] = (), env: dict[str, str] | None = None):
         self.args = tuple(args)
+        # ``prefix`` wraps the command line, e.g. ("ip", "netns", "exec", NS) (which execs in
+        # place: the PID stays the daemon's); ``env`` adds variables to the daemon's environment.
+        # The readiness probe goes to 127.0.0.1 from the calling thread, so a daemon in another
+        # network namespace must be started from a thread in that namespace (bench/netns.py).
+        self.prefix = tuple(map(str, prefix))
+        self.extra_env = dict(env or {})
         self.workdir = Path(workdir)
         self.config = dict(config or {})
         self.start_timeout, self.stop_timeout, self.python = start_timeout, stop_timeout, python
@@ -133,8 +140,9 @@ class Daemon:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(self.extra_env)
         with open(self.workdir / "stdout.log", "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([self.python, "-m", "accelerator", "serve", str(config_path), *self.args],
+            self.proc = subprocess.Popen([*self.prefix, self.python, "-m", "accelerator", "serve", str(config_path), *self.args],
                                          cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=err, start_new_session=True)
         try:
