@@ -15,6 +15,7 @@ from accelerator import __version__
 from accelerator.api.core import route
 from accelerator.api.http import json_answer, parse_json, read_body
 from accelerator.transfers import pull, push, source
+from accelerator.transfers.budget import ByteBudget
 from accelerator.transfers.receiver import PushReceiver
 from protocol import codecs
 from protocol.chunks import parse_chunk_request
@@ -32,6 +33,7 @@ PLUGIN_VERSION = "1.7"  # the plugin release whose wire protocol we speak (uncha
 PLUGIN_DESCRIPTION = "Accelerates transfers and provides storage commitment between Orthanc peers"
 JSON_LIMIT = 64 * 1024 * 1024  # lookups and push plans of huge studies stay far below this
 IN_MEMORY_CHUNK_LIMIT = 64 * 1024 * 1024  # larger chunk answers are streamed
+CHUNK_MEMORY = 48 * 1024 * 1024  # raw bucket bytes read for chunk answers at once (+ their gzip)
 _FEED_BLOCK = 1 << 20
 
 
@@ -78,11 +80,13 @@ async def get_chunks(request: Request) -> Response:
         total = sum(r.length for _, r in reads)
         media_type = codecs.content_type(chunk.compression)
         if total <= IN_MEMORY_CHUNK_LIMIT:
-            parts = await to_thread.run_sync(source.read, store, reads)
-            if chunk.compression == codecs.GZIP:
-                body = await to_thread.run_sync(codecs.encode_parts, parts, chunk.compression)
-            else:
-                body = b"".join(parts)
+            async with _chunk_memory(request).hold(total):
+                parts = await to_thread.run_sync(source.read, store, reads)
+                if chunk.compression == codecs.GZIP:
+                    body = await to_thread.run_sync(codecs.encode_parts, parts, chunk.compression)
+                else:
+                    body = b"".join(parts)
+                del parts
             return Response(body, media_type=media_type)
     return _streamed_chunk(store, reads, total, chunk.compression, media_type)
 
@@ -215,6 +219,13 @@ def routes() -> list[Route]:
         route(f"{tx}/{{index:digits}}", PUT=put_bucket),
         route(tx, DELETE=delete_push),
     ]
+
+
+def _chunk_memory(request: Request) -> ByteBudget:
+    state = request.app.state
+    if getattr(state, "chunk_memory", None) is None:
+        state.chunk_memory = ByteBudget(CHUNK_MEMORY)
+    return state.chunk_memory
 
 
 def _chunk_slots(request: Request) -> anyio.Semaphore:

@@ -18,6 +18,7 @@ from accelerator.jobs.base import JobContext, JobFailure
 from accelerator.peers import Peers
 from accelerator.store import Store
 from accelerator.transfers import source
+from accelerator.transfers.budget import ByteBudget
 from accelerator.transfers.pull import sender_transfer_id
 from accelerator.transfers.workers import Counters, run_pool
 from protocol import codecs
@@ -29,6 +30,7 @@ from protocol.messages import (
     LookupAnswer,
     PushTransaction,
     TransferQuery,
+    bucket_size,
     bucket_to_json,
     parse_bucket,
     size_mb,
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 _ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
 
 JOB_TYPE = "PushTransfer"
+PAYLOAD_MEMORY = 48 * 1024 * 1024  # raw bucket bytes being encoded and sent at once, all jobs
 COMMIT_ROUNDS = 3  # commits refused on MD5, with the named buckets sent again in between
 
 
@@ -55,6 +58,7 @@ class PushDriver:
         self.threads = threads
         self.commit_timeout = commit_timeout
         self.adaptive = adaptive
+        self.memory = ByteBudget(PAYLOAD_MEMORY)
 
     async def run(self, ctx: JobContext) -> None:
         query = TransferQuery.from_json(ctx.query)
@@ -163,10 +167,11 @@ class PushDriver:
 
         async def put(index: int) -> None:
             nonlocal sent
-            body = await to_thread.run_sync(self._payload, buckets[index], query.compression)
-            response = await peer.request(
-                "PUT", f"{state['transaction']}/{index}", content=body, headers=headers,
-                what=f"PUT bucket {index}", accept_statuses=(404,))
+            async with self.memory.hold(bucket_size(buckets[index])):  # bounded whatever Threads is
+                body = await to_thread.run_sync(self._payload, buckets[index], query.compression)
+                response = await peer.request(
+                    "PUT", f"{state['transaction']}/{index}", content=body, headers=headers,
+                    what=f"PUT bucket {index}", accept_statuses=(404,))
             if response.status_code == 404:
                 raise TransactionLost()
             done.add(index)
