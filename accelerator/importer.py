@@ -24,7 +24,6 @@ class ImportSummary:
     already_stored: int = 0
     not_dicom: int = 0
     failed: int = 0
-    bytes_sent: int = 0
     errors: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -113,7 +112,6 @@ async def _upload(client: httpx.AsyncClient, path: Path, summary: ImportSummary)
         summary.errors.append(f"{path}: {type(exc).__name__}: {exc}")
         return
     if response.status_code == 200:
-        summary.bytes_sent += len(data)
         if response.json().get("Status") == "AlreadyStored":
             summary.already_stored += 1
         else:

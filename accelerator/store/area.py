@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import struct
 import uuid as uuidlib
 import zlib
@@ -28,7 +27,6 @@ from protocol.errors import CorruptedFile, InternalError
 STAGING = ".staging"
 _SIZE_PREFIX = struct.Struct("<Q")
 _COMPRESSION_LEVEL = 2  # isal level 2: near zlib-6 ratio on DICOM, several times faster
-_COPY_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -162,14 +160,6 @@ class StorageArea:
         if len(data) != length:
             raise CorruptedFile(f"File {uuid} is shorter than the index says")
         return data
-
-    def copy_to(self, uuid: str, compressed: bool, target) -> None:
-        """Stream the DICOM bytes into a writable binary file object."""
-        if compressed:
-            target.write(self.read(uuid, True))
-            return
-        with self._open(uuid) as f:
-            shutil.copyfileobj(f, target, _COPY_BLOCK)
 
 
 def _decompress(uuid: str, stored: bytes) -> bytes:
