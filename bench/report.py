@@ -130,7 +130,8 @@ def markdown(results: dict) -> str:
     lines = [f"# Transfer benchmark {meta['started']}", "",
              (f"{meta['cpus']} CPUs, load average {meta['load_start'][0]:.2f} at start / "
               f"{load_end[0]:.2f} at end; {meta['runs']} run(s) per system; "
-              f"cells are median [min–max] over the verified runs, other columns medians."), ""]
+              f"cells are median [min–max] over the verified runs, other columns medians; code under test "
+              f"sha256 {str(meta.get('code_sha256'))[:12]} (accelerator/ + protocol/)."), ""]
     for name, p in results["profiles"].items():
         if p.get("link"):
             info = p["link"]

@@ -24,6 +24,7 @@ bench/results/<timestamp>/ (or --results-dir). Without root, says why and runs l
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -83,6 +84,16 @@ def _tool_version(argv: list[str]) -> str | None:
         return (r.stdout or r.stderr).strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return None
+
+
+def code_fingerprint() -> str:
+    """SHA-256 of the code under test (accelerator/ and protocol/ sources): the working tree can
+    change between two benchmark runs, and results only compare on the same code."""
+    h = hashlib.sha256()
+    for root in ("accelerator", "protocol"):
+        for path in sorted((REPO_ROOT / root).rglob("*.py")):
+            h.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -150,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "meta": {"started": started.isoformat(timespec="seconds"), "argv": sys.argv[1:] if argv is None else argv,
                  "quick": a.quick, "runs": a.runs, "seed": a.seed, "cpus": os.cpu_count(),
-                 "daemon_config": a.daemon_config,
+                 "daemon_config": a.daemon_config, "code_sha256": code_fingerprint(),
                  "load_start": list(os.getloadavg()), "load_end": None, "duration_s": None,
                  "python": sys.version.split()[0], "platform": platform.platform(),
                  "storescu": _tool_version(["storescu", "--version"]) if not missing else None},
@@ -158,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     _log(f"bench: profiles {', '.join(a.profiles)}; datasets {', '.join(a.datasets)}; systems "
          f"{', '.join(a.systems)}; {a.runs} run(s); load {os.getloadavg()[0]:.2f}; writing to {out_dir}")
-    failed_setup = False
+    failed_setup = interrupted = False
     try:
         for profile in a.profiles:
             link = None
@@ -181,16 +192,26 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 if link is not None:
                     link.close()
+    except KeyboardInterrupt:
+        interrupted = True
+        notes.append("interrupted (SIGINT): the run in progress is not recorded, later ones never ran")
+        _log(f"bench: {notes[-1]}")
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
         results["meta"]["load_end"] = list(os.getloadavg())
+        if code_fingerprint() != results["meta"]["code_sha256"]:
+            notes.append("the code under test (accelerator/, protocol/) changed during the run: daemons "
+                         "started after the change ran the new code")
+            _log(f"bench: {notes[-1]}")
         results["meta"]["duration_s"] = time.monotonic() - t_start
         table = _write(results, out_dir, final=True)
     print()
     print(table)
     _log(f"bench: done in {results['meta']['duration_s']:.0f} s; results in {out_dir}")
     bad = [e for e in results["summary"] if e["ok_runs"] < e["runs"]]
+    if interrupted:
+        return 130
     return 1 if failed_setup or bad or not results["summary"] else 0
 
 
