@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from protocol.errors import ConfigError
+from protocol.limits import TransferLimits
 
 __all__ = [
     "Config",
@@ -72,6 +73,10 @@ class TransfersConfig:
     commit_threads_count: int
     skip_stored_instances: bool
     adaptive_bucket_size: bool
+    push_transaction_timeout: int  # seconds without a request before a push transaction expires
+    max_transfer_instances: int
+    max_instance_size: int  # MiB
+    max_transfer_size: int  # MiB
 
     @property
     def bucket_size_bytes(self) -> int:
@@ -80,6 +85,18 @@ class TransfersConfig:
     @property
     def cache_size_bytes(self) -> int:
         return self.cache_size * 1024 * 1024
+
+    @property
+    def max_instance_bytes(self) -> int:
+        return self.max_instance_size * 1024 * 1024
+
+    @property
+    def max_transfer_bytes(self) -> int:
+        return self.max_transfer_size * 1024 * 1024
+
+    @property
+    def limits(self) -> TransferLimits:
+        return TransferLimits(self.max_transfer_instances, self.max_instance_bytes, self.max_transfer_bytes)
 
 
 @dataclass(frozen=True)
@@ -134,6 +151,8 @@ class Config:
     registered_users: dict[str, str] = field(repr=False)
     maximum_request_body_size: int  # MiB (our extension)
     http_timeout: int  # seconds
+    http_request_timeout: int  # seconds a client has to send a request's headers
+    http_max_connections: int  # open client connections at once (our extension)
     https_verify_peers: bool
     https_ca_certificates: str
     http_proxy: str
@@ -253,6 +272,11 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("RegisteredUsers", "registered_users", {}, _string_map),
     _Option("MaximumRequestBodySize", "maximum_request_body_size", 4096, _integer(1)),
     _Option("HttpTimeout", "http_timeout", 60, _integer(0)),
+    # Orthanc's (civetweb's request_timeout_ms): here the time a client has to send a request's
+    # headers, and the longest pause while it sends a body. Slow clients cannot hold connections.
+    _Option("HttpRequestTimeout", "http_request_timeout", 30, _integer(1)),
+    # Ours: connections beyond this get 503 at once, so idle or hostile ones cannot starve others.
+    _Option("HttpMaxConnections", "http_max_connections", 256, _integer(1)),
     _Option("HttpsVerifyPeers", "https_verify_peers", True, _boolean),
     _Option("HttpsCACertificates", "https_ca_certificates", "", _string),
     _Option("HttpProxy", "http_proxy", "", _string),
@@ -281,6 +305,14 @@ _TRANSFERS_OPTIONS: tuple[_Option, ...] = (
     # Ours: shrink BucketSize for small transfers so every worker gets several buckets (no idle
     # worker at the end); false = exactly the plugin's plan.
     _Option("AdaptiveBucketSize", "adaptive_bucket_size", True, _boolean),
+    # Ours: a push transaction that receives no request for this long is discarded (the plugin
+    # sends no DELETE when its push job is canceled); 0 = never.
+    _Option("PushTransactionTimeout", "push_transaction_timeout", 3600, _integer(0)),
+    # Ours: bounds on what one transfer (a push plan or a pull's lookup answer) may declare; a
+    # transfer must also fit in the free space of the storage area's disk.
+    _Option("MaxTransferInstances", "max_transfer_instances", 50000, _integer(1)),
+    _Option("MaxInstanceSize", "max_instance_size", 16384, _integer(1)),  # MiB
+    _Option("MaxTransferSize", "max_transfer_size", 1048576, _integer(1)),  # MiB (1 TiB)
 )
 
 #: Orthanc name -> default; None means derived (IndexDirectory, AuthenticationEnabled).
@@ -303,7 +335,7 @@ IGNORED_ORTHANC_OPTIONS: tuple[str, ...] = (
     "DicomThreadsCount", "DicomTlsCertificate", "DicomTlsCiphersAccepted", "DicomTlsEnabled",
     "DicomTlsMinimumProtocolVersion", "DicomTlsPrivateKey", "DicomTlsRemoteCertificateRequired",
     "DicomTlsTrustedCertificates", "DicomWeb", "ExecuteLuaEnabled", "ExtraMainDicomTags",
-    "Gdcm", "Housekeeper", "HttpCompressionEnabled", "HttpRequestTimeout", "HttpServerEnabled",
+    "Gdcm", "Housekeeper", "HttpCompressionEnabled", "HttpServerEnabled",
     "HttpThreadsCount", "HttpVerbose", "IngestTranscoding", "IngestTranscodingOfCompressed",
     "IngestTranscodingOfUncompressed", "KeepAlive", "KeepAliveTimeout", "LimitFindInstances",
     "LimitFindResults", "LoadPrivateDictionary", "LogExportedResources", "LuaHeartBeatPeriod",

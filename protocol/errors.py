@@ -16,6 +16,7 @@ so that the whole hierarchy reads in one page:
         ├── ParameterOutOfRange  400 / 3    a value outside its allowed set or range
         ├── BadParameterType     400 / 5    a GET argument of the wrong type
         ├── BadFileFormat        400 / 15   not DICOM, or a protocol object with bad fields
+        ├── BadSequenceOfCalls   400 / 6    a call that does not fit the resource's state
         ├── BodyTooLarge         413 / 8    request body above the configured limit
         ├── Unauthorized         401 / 29   missing or wrong credentials
         ├── Forbidden            403 / 45   remote access not allowed
@@ -24,11 +25,13 @@ so that the whole hierarchy reads in one page:
         ├── NetworkProtocol      500 / 9    a peer answered something the protocol forbids
         ├── CorruptedFile        500 / 20   MD5 mismatch, stored file unreadable
         ├── InternalError        500 / -1
-        └── ServiceBusy          503 / 36   every slot taken; retry later (Retry-After)
+        ├── ServiceBusy          503 / 36   every slot taken; retry later (Retry-After)
+        └── FullStorage          507 / 14   no space left for what was sent (as Orthanc)
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -88,6 +91,12 @@ class BadFileFormat(OrthancError):
     http_status, orthanc_status, message = 400, 15, "Bad file format"
 
 
+class BadSequenceOfCalls(OrthancError):
+    """E.g. a bucket PUT while its push transaction is being committed."""
+
+    http_status, orthanc_status, message = 400, 6, "Bad sequence of calls"
+
+
 class BodyTooLarge(OrthancError):
     http_status, orthanc_status, message = 413, 8, "Request body too large"
 
@@ -124,6 +133,17 @@ class ServiceBusy(OrthancError):
     http_status, orthanc_status, message = 503, 36, "Service busy, retry later"
 
 
+class FullStorage(OrthancError):
+    """Orthanc answers 507 with error 14 when its storage area is full (ServerContext::Store)."""
+
+    http_status, orthanc_status, message = 507, 14, "The file storage is full"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError that means the storage is out of space (ENOSPC) or over its quota (EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 _HTTP_REASONS = {
     400: "Bad Request",
     401: "Unauthorized",
@@ -133,4 +153,5 @@ _HTTP_REASONS = {
     413: "Payload Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    507: "Insufficient Storage",
 }

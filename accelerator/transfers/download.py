@@ -24,11 +24,28 @@ from accelerator.store import FileToIngest
 from accelerator.store.dicom import parse_file
 from protocol.chunks import ScatterRange
 from protocol.codecs import stream_decoder
-from protocol.errors import BadFileFormat, ParameterOutOfRange, UnknownResource
+from protocol.errors import BadFileFormat, FullStorage, ParameterOutOfRange, UnknownResource
 from protocol.messages import Bucket, InstanceInfo
 
 _BLOCK = 1 << 20
 SPOOL_IN_MEMORY = 16 << 20
+FREE_SPACE_RESERVE = 256 << 20  # bytes left free on the disk after a transfer's download area
+
+
+def ensure_free_space(folder: Path, needed: int) -> None:
+    """FullStorage (507) unless the disk holding `folder` has room for `needed` more bytes.
+
+    Download areas are sparse files filled as buckets land, so this is checked when a transfer
+    starts: a transfer that cannot fit is refused before any byte moves.
+    """
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + FREE_SPACE_RESERVE > free:
+        raise FullStorage(f"The transfer needs {needed} bytes; the disk of the storage area has {free} bytes "
+                          f"free (with {FREE_SPACE_RESERVE} bytes kept in reserve)")
 
 
 class DownloadArea:
