@@ -7,6 +7,9 @@ index always agree, and nothing outside `root` is ever touched because names are
 
 With `StorageCompression`, files hold Orthanc's zlib format: the uncompressed size as a
 little-endian uint64, then a zlib stream.
+
+A write that fails removes its partial file at once (on a full disk the space is needed now, not
+at the next start) and a full disk is raised as `FullStorage` (507), as Orthanc answers.
 """
 
 from __future__ import annotations
@@ -14,15 +17,17 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 import uuid as uuidlib
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from isal import isal_zlib
 
-from protocol.errors import CorruptedFile, InternalError
+from protocol.errors import CorruptedFile, FullStorage, InternalError, is_disk_full
 
 STAGING = ".staging"
 _SIZE_PREFIX = struct.Struct("<Q")
@@ -47,6 +52,7 @@ class StorageArea:
         self.compress = compress
         self.staging = self.root / STAGING
         self.staging.mkdir(parents=True, exist_ok=True)
+        self._folders = threading.Lock()  # a fan-out folder is not dropped between mkdir and rename
 
     def path_of(self, uuid: str) -> Path:
         return self.root / uuid[0:2] / uuid[2:4] / uuid
@@ -59,7 +65,7 @@ class StorageArea:
             if self.compress else data
         stored_md5 = hashlib.md5(stored).hexdigest() if self.compress else md5
         path = self.staging / uuid
-        with open(path, "xb") as f:
+        with removed_on_failure(path), open(path, "xb") as f:
             f.write(stored)
             f.flush()
             os.fsync(f.fileno())
@@ -76,10 +82,11 @@ class StorageArea:
         if self.compress:
             return self.stage_bytes(Path(source).read_bytes(), md5)
         uuid = str(uuidlib.uuid4())
-        if not synced:
-            with open(source, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(source, self.staging / uuid)
+        with _full_storage():
+            if not synced:
+                with open(source, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.replace(source, self.staging / uuid)
         return StoredFile(uuid, size, md5, size, md5, False)
 
     def unstage(self, uuid: str, source: Path) -> None:
@@ -96,14 +103,9 @@ class StorageArea:
     def publish(self, uuid: str) -> None:
         """Move a committed file from staging to its final place."""
         target = self.path_of(uuid)
-        for attempt in (1, 2):  # a concurrent `remove` may drop the empty folder in between
+        with self._folders:  # else a concurrent `remove` may drop the new, still empty folder
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.replace(self.staging / uuid, target)
-                return
-            except FileNotFoundError:
-                if attempt == 2 or not (self.staging / uuid).exists():
-                    raise
+            os.replace(self.staging / uuid, target)
 
     def discard(self, uuid: str) -> None:
         """Forget a staged file whose commit did not happen."""
@@ -114,11 +116,12 @@ class StorageArea:
         path = self.path_of(uuid)
         _unlink(path)
         _unlink(self.staging / uuid)
-        for folder in (path.parent, path.parent.parent):  # drop empty fan-out folders, as Orthanc does
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        with self._folders:
+            for folder in (path.parent, path.parent.parent):  # drop empty fan-out folders, as Orthanc does
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
     def recover(self, committed: Callable[[Iterable[str]], set[str]]) -> tuple[int, int]:
         """Finish or undo interrupted ingests; returns (published, deleted)."""
@@ -173,6 +176,28 @@ def _decompress(uuid: str, stored: bytes) -> bytes:
     if len(data) != size:
         raise CorruptedFile(f"Compressed file {uuid} has {len(data)} bytes instead of {size}")
     return data
+
+
+@contextmanager
+def removed_on_failure(path: Path) -> Iterator[None]:
+    """Around the writing of a new file: if it fails, the partial file goes at once."""
+    try:
+        with _full_storage():
+            yield
+    except BaseException:
+        _unlink(path)
+        raise
+
+
+@contextmanager
+def _full_storage() -> Iterator[None]:
+    """No space left (ENOSPC, or EDQUOT over a quota) becomes FullStorage, without a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise FullStorage(f"Cannot write to the storage area: {exc.strerror}") from None
+        raise
 
 
 def _unlink(path: Path) -> None:

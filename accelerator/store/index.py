@@ -2,7 +2,8 @@
 
 One writer connection behind a lock (SQLite serialises writers anyway) and one reader connection
 per thread (WAL lets them read while a write is in progress). Every method is blocking and is
-meant to run in a worker thread.
+meant to run in a worker thread. A write that finds the disk full ("database or disk is full") is
+rolled back and raised as `FullStorage`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import orjson
 from accelerator.store import schema
 from accelerator.store.area import StoredFile
 from accelerator.store.dicom import ParsedInstance
-from protocol.errors import UnknownResource
+from protocol.errors import FullStorage, UnknownResource
 from protocol.resources import Level
 
 DICOM_ATTACHMENT = 1
@@ -68,6 +69,12 @@ def timestamp() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime())
 
 
+def _is_full(exc: BaseException) -> bool:
+    """SQLite's SQLITE_FULL: "database or disk is full" (the primary code of the extended one)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_FULL
+
+
 class Index:
     def __init__(self, directory: Path, *, upgrade: bool = False):
         directory.mkdir(parents=True, exist_ok=True)
@@ -75,7 +82,7 @@ class Index:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.RLock()  # re-entered by store_instances, see there
         self._writer = self._connect()
         self._writer.execute("PRAGMA journal_mode = WAL")
         if schema.is_empty(self._writer):
@@ -111,65 +118,78 @@ class Index:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. A failed COMMIT is rolled back too (SQLite may already have
+        done it, e.g. on a full disk), so that the writer connection stays usable."""
         with self._write_lock:
             conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
             try:
+                conn.execute("BEGIN IMMEDIATE")
                 yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if _is_full(exc):
+                    raise FullStorage(f"The index cannot grow: {exc}") from None
                 raise
-            conn.execute("COMMIT")
 
     # -- ingest ------------------------------------------------------------------------------
 
     def store_instances(
-        self, items: Iterable[tuple[ParsedInstance, StoredFile, dict[str, str]]], *, overwrite: bool
+        self,
+        items: Iterable[tuple[ParsedInstance, StoredFile, dict[str, str]]],
+        *,
+        overwrite: bool,
+        on_commit: Callable[[list[Outcome]], None] = lambda outcomes: None,
     ) -> list[Outcome]:
-        """Index a batch of staged instances in one transaction: all of them or none."""
-        outcomes = []
+        """Index a batch of staged instances in one transaction: all of them or none.
+
+        `on_commit` runs right after the commit, before any other write transaction can start:
+        the store moves the files into place there, so that no later transaction can replace or
+        delete (and so remove) a file that is not in its place yet.
+        """
         now = timestamp()
-        with self._write() as c:
-            for parsed, stored, metadata in items:
-                ids = parsed.ids
-                existing = c.execute(
-                    "SELECT id FROM resources WHERE public_id = ?", (ids.instance,)
-                ).fetchone()
-                if existing and not overwrite:
-                    outcomes.append(Outcome("AlreadyStored", parsed))
-                    continue
-                if existing:
-                    row = existing[0]
-                    old = c.execute(
-                        "SELECT uuid FROM attachments WHERE resource = ? AND content_type = ?",
-                        (row, DICOM_ATTACHMENT),
-                    ).fetchone()
-                    c.execute("DELETE FROM attachments WHERE resource = ?", (row,))
-                    c.execute("DELETE FROM metadata WHERE resource = ?", (row,))
-                    c.execute(
-                        "UPDATE resources SET main_tags = ?, last_update = ? WHERE id = ?",
-                        (orjson.dumps(parsed.tags[Level.INSTANCE]), now, row),
-                    )
-                    replaced = old[0] if old else None
-                    if replaced:
-                        c.execute("INSERT OR IGNORE INTO trash(uuid) VALUES (?)", (replaced,))
-                else:
-                    parent = None
-                    for level, public_id in zip(Level, ids):
-                        parent = self._ensure(c, level, public_id, parent, parsed.tags[level], now)
-                    row = parent
-                    replaced = None
-                c.execute(
-                    "INSERT INTO attachments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (row, DICOM_ATTACHMENT, stored.uuid, stored.size, stored.md5,
-                     stored.stored_size, stored.stored_md5, int(stored.compressed)),
-                )
-                c.executemany(
-                    "INSERT INTO metadata VALUES (?, ?, ?)", [(row, k, v) for k, v in metadata.items()]
-                )
-                self._touch_ancestors(c, row, now)
-                outcomes.append(Outcome("Success", parsed, replaced))
+        with self._write_lock:
+            with self._write() as c:
+                outcomes = [self._store_instance(c, *item, overwrite, now) for item in items]
+            on_commit(outcomes)
         return outcomes
+
+    def _store_instance(self, c, parsed: ParsedInstance, stored: StoredFile, metadata: dict[str, str],
+                        overwrite: bool, now: str) -> Outcome:
+        """One instance of `store_instances`; a replaced file goes to the trash."""
+        ids = parsed.ids
+        existing = c.execute("SELECT id FROM resources WHERE public_id = ?", (ids.instance,)).fetchone()
+        if existing and not overwrite:
+            return Outcome("AlreadyStored", parsed)
+        replaced = None
+        if existing:
+            row = existing[0]
+            old = c.execute(
+                "SELECT uuid FROM attachments WHERE resource = ? AND content_type = ?",
+                (row, DICOM_ATTACHMENT),
+            ).fetchone()
+            c.execute("DELETE FROM attachments WHERE resource = ?", (row,))
+            c.execute("DELETE FROM metadata WHERE resource = ?", (row,))
+            c.execute(
+                "UPDATE resources SET main_tags = ?, last_update = ? WHERE id = ?",
+                (orjson.dumps(parsed.tags[Level.INSTANCE]), now, row),
+            )
+            replaced = old[0] if old else None
+            if replaced:
+                c.execute("INSERT OR IGNORE INTO trash(uuid) VALUES (?)", (replaced,))
+        else:
+            row = None
+            for level, public_id in zip(Level, ids):
+                row = self._ensure(c, level, public_id, row, parsed.tags[level], now)
+        c.execute(
+            "INSERT INTO attachments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (row, DICOM_ATTACHMENT, stored.uuid, stored.size, stored.md5,
+             stored.stored_size, stored.stored_md5, int(stored.compressed)),
+        )
+        c.executemany("INSERT INTO metadata VALUES (?, ?, ?)", [(row, k, v) for k, v in metadata.items()])
+        self._touch_ancestors(c, row, now)
+        return Outcome("Success", parsed, replaced)
 
     @staticmethod
     def _ensure(c, level: Level, public_id: str, parent: int | None, tags: dict, now: str) -> int:

@@ -3,6 +3,11 @@
 Ingest is all or nothing per batch: every file is parsed and staged first, then one index
 transaction makes the whole batch visible, then the files are published. A transfer commits all
 its instances through `ingest_files` so that a study appears at once or not at all.
+
+Files are published before the next write transaction can start, so that a concurrent overwrite
+or deletion only ever removes a file that is in its place. What follows a commit (publishing,
+removing replaced files) never fails the ingest: a file that cannot be moved is read from staging
+and published at the next start; a file that cannot be removed stays in the trash until then.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 from accelerator.store.area import StorageArea, StoredFile
 from accelerator.store.dicom import ParsedInstance, parse_bytes, parse_file
 from accelerator.store.index import Attachment, Index, Outcome, Resource, timestamp
+from protocol.errors import AcceleratorError
 from protocol.resources import Level
 
 log = logging.getLogger(__name__)
@@ -107,21 +113,28 @@ class Store:
         return outcomes
 
     def _commit(self, staged, origin: str, remote_ip: str) -> list[Outcome]:
-        """Index staged files in one transaction, then publish them. The caller undoes the
-        staging if this raises."""
+        """Index staged files in one transaction, then publish them. This raises only if nothing
+        was committed, and the caller then undoes the staging."""
         now = timestamp()
         items = [(parsed, stored, _metadata(parsed, now, origin, remote_ip)) for parsed, stored in staged]
-        outcomes = self.index.store_instances(items, overwrite=self.overwrite)
-        replaced = []
-        for (_, stored), outcome in zip(staged, outcomes):
-            if outcome.status == "Success":
-                self.area.publish(stored.uuid)
-            else:
-                self.area.discard(stored.uuid)
-            if outcome.replaced_uuid:
-                replaced.append(outcome.replaced_uuid)
-        self._remove_files(replaced)
+        outcomes = self.index.store_instances(
+            items, overwrite=self.overwrite, on_commit=lambda outcomes: self._publish(staged, outcomes)
+        )
+        self._remove_files([o.replaced_uuid for o in outcomes if o.replaced_uuid])
         return outcomes
+
+    def _publish(self, staged, outcomes: list[Outcome]) -> None:
+        """Runs inside the index's write lock, right after the commit. Were a file published
+        later, a concurrent overwrite could trash it first: its removal would then delete the
+        staged file under `publish` (a 500), or run before the file arrives (a file left behind)."""
+        for (_, stored), outcome in zip(staged, outcomes):
+            try:
+                if outcome.status == "Success":
+                    self.area.publish(stored.uuid)
+                else:
+                    self.area.discard(stored.uuid)
+            except (OSError, AcceleratorError) as exc:
+                log.warning("file %s stays in staging until the next start: %s", stored.uuid, exc)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -150,11 +163,16 @@ class Store:
         return remaining
 
     def _remove_files(self, uuids: list[str]) -> None:
+        """Unlink the files of rows already gone, then forget them in the trash. The rows' change
+        is committed, so a failure here only leaves the trash to the next start."""
         if not uuids:
             return
-        for uuid in uuids:
-            self.area.remove(uuid)
-        self.index.empty_trash(uuids)
+        try:
+            for uuid in uuids:
+                self.area.remove(uuid)
+            self.index.empty_trash(uuids)
+        except (OSError, AcceleratorError) as exc:
+            log.warning("%d removed file(s) stay in the trash until the next start: %s", len(uuids), exc)
 
 
 def _metadata(parsed: ParsedInstance, now: str, origin: str, remote_ip: str) -> dict[str, str]:

@@ -230,6 +230,26 @@ def test_recovery_of_interrupted_ingests(tmp_path):
     reopened.close()
 
 
+def test_a_failure_after_the_commit_does_not_undo_the_ingest(tmp_path):
+    """The row is committed: a file that cannot be moved into place is read from staging and
+    published at the next start (it used to be discarded, leaving a row without its file)."""
+    store = Store(tmp_path)
+    data = _series(1)[0]
+
+    def failing_publish(uuid):
+        raise OSError("mkdir failed")
+
+    store.area.publish = failing_publish
+    outcome = store.ingest_bytes(data)
+    assert outcome.status == "Success"
+    assert store.read_file(outcome.parsed.ids.instance) == data
+    store.close()
+    reopened = Store(tmp_path)
+    assert reopened.read_file(outcome.parsed.ids.instance) == data
+    _check_consistent(reopened)
+    reopened.close()
+
+
 def test_missing_file_is_reported_as_corrupted(store):
     outcome = store.ingest_bytes(_series(1)[0])
     os.unlink(store.area.path_of(store.attachment(outcome.parsed.ids.instance).uuid))
