@@ -89,6 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     _tune_malloc()
     from accelerator.api.app import create_app, open_store
+    from accelerator.api.server import uvicorn_config
     from accelerator.config import load_config
 
     config = load_config(args.config)
@@ -99,14 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
         "storage %s, index %s, listening on %s:%d",
         config.storage_directory, store.index.path, config.http_bind_address or "0.0.0.0", config.http_port,
     )
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(config, store),
-        host=config.http_bind_address or "0.0.0.0",
-        port=config.http_port,
-        log_level="debug" if args.verbose else "warning",
-        access_log=args.verbose,
-        timeout_keep_alive=max(5, config.http_timeout),
-    ))
+    server = uvicorn.Server(uvicorn_config(config, create_app(config, store), verbose=args.verbose))
     server.run()
     return 0
 

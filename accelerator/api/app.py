@@ -11,9 +11,16 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 
 from accelerator.api import core, jobs, peers, transfers
-from accelerator.api.http import handle_http_exception, handle_orthanc_error, handle_unexpected
+from accelerator.api.http import (
+    handle_client_disconnect,
+    handle_http_exception,
+    handle_orthanc_error,
+    handle_os_error,
+    handle_unexpected,
+)
 from accelerator.api.middleware import AccessControl, NormalisePath
 from accelerator.config import Config
 from accelerator.jobs.engine import JobsEngine
@@ -62,9 +69,11 @@ def create_app(config: Config, store: Store | None = None, *, peers_: Peers | No
             Middleware(NormalisePath),
             Middleware(AccessControl, remote_access=config.remote_access_allowed, users=users),
         ],
-        exception_handlers={
+        exception_handlers={  # all but `Exception` are answered in place, never re-raised
             OrthancError: handle_orthanc_error,
             HTTPException: handle_http_exception,
+            ClientDisconnect: handle_client_disconnect,
+            OSError: handle_os_error,
             Exception: handle_unexpected,
         },
         lifespan=lifespan,

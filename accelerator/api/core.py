@@ -18,7 +18,7 @@ from accelerator.api.http import json_answer, read_body, receive_to_file
 from accelerator.api.shapes import resource_json
 from accelerator.store import FileToIngest, Store
 from accelerator.store.schema import SCHEMA_VERSION
-from protocol.errors import BadRequest, ParameterOutOfRange, UnknownResource
+from protocol.errors import BadParameterType, BadRequest, UnknownResource
 from protocol.resources import Level
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -126,13 +126,20 @@ def _requested_tags(request: Request) -> list[str] | None:
     return [t for t in raw.split(";") if t] if raw else None
 
 
+_SIZE_T_MAX = 2**64 - 1  # Orthanc reads `since` and `limit` with boost::lexical_cast<size_t>
+_SQLITE_MAX = 2**63 - 1  # SQLite's largest integer: a larger since/limit means the same as it
+
+
 def _int_argument(request: Request, name: str) -> int | None:
+    """A `since`/`limit` argument. Like Orthanc, anything but ASCII digits of a size_t is
+    400 Bad type for a parameter (`"²".isdigit()` is true, and `int()` reads Arabic-Indic
+    digits); a valid but huge value is clamped, never an SQLite OverflowError."""
     raw = request.query_params.get(name)
     if raw is None:
         return None
-    if not raw.isdigit():
-        raise ParameterOutOfRange(f"Argument {name!r} must be a non-negative integer, got {raw!r}")
-    return int(raw)
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 20 and int(raw) <= _SIZE_T_MAX):
+        raise BadParameterType(f"Argument {name!r} must be an integer from 0 to {_SIZE_T_MAX}, got {raw!r}")
+    return min(int(raw), _SQLITE_MAX)
 
 
 async def list_resources(request: Request) -> Response:

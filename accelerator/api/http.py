@@ -15,13 +15,17 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from accelerator.store.area import removed_on_failure
 from protocol.errors import (
     BadRequest,
     BodyTooLarge,
+    FullStorage,
     InternalError,
     MethodNotAllowed,
     OrthancError,
+    ServiceBusy,
     UnknownResource,
+    is_disk_full,
 )
 
 log = logging.getLogger(__name__)
@@ -59,7 +63,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def receive_to_file(request: Request, limit: int, folder: Path) -> tuple[Path, int, str]:
     """Stream the request body into a new file under `folder`; returns (path, size, MD5).
 
-    For bodies too large to hold in memory; the file is removed if anything goes wrong.
+    For bodies too large to hold in memory; the file is removed at once if anything goes wrong
+    (a full disk answers 507, as Orthanc).
     """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -73,20 +78,16 @@ async def receive_to_file(request: Request, limit: int, folder: Path) -> tuple[P
         digest.update(data)
         f.write(data)
 
-    try:
-        with open(path, "xb") as f:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise BodyTooLarge(f"The body exceeds the limit of {limit} bytes")
-                pending.append(chunk)
-                if sum(map(len, pending)) >= _WRITE_BLOCK:
-                    await to_thread.run_sync(write, f, b"".join(pending))
-                    pending.clear()
-            await to_thread.run_sync(write, f, b"".join(pending))
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+    with removed_on_failure(path), open(path, "xb") as f:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"The body exceeds the limit of {limit} bytes")
+            pending.append(chunk)
+            if sum(map(len, pending)) >= _WRITE_BLOCK:
+                await to_thread.run_sync(write, f, b"".join(pending))
+                pending.clear()
+        await to_thread.run_sync(write, f, b"".join(pending))
     return path, size, digest.hexdigest()
 
 
@@ -98,19 +99,40 @@ def parse_json(body: bytes, error: type[OrthancError] = BadRequest) -> Any:
         raise error(f"The body is not valid JSON: {exc}") from None
 
 
+ECHO_LIMIT = 1000  # characters of the request an error answer or a log line echoes at most
+
+
+def _cut(text: str) -> str:
+    """`text`, or its first ECHO_LIMIT characters and its length: error details and URIs echo the
+    request, and a 30 MB ID must not make a 30 MB answer (or log line)."""
+    if len(text) <= ECHO_LIMIT:
+        return text
+    return f"{text[:ECHO_LIMIT]}... ({len(text)} characters)"
+
+
+def error_body(error: OrthancError, method: str, uri: str, describe: bool = True) -> bytes:
+    """Orthanc's error JSON with `Details` and `Uri` cut; empty for a 405 (like the real server)
+    or when `HttpDescribeErrors` is off. The HTTP server's own answers use it too."""
+    if isinstance(error, MethodNotAllowed) or not describe:
+        return b""
+    body = error.as_json(method, _cut(uri))
+    if "Details" in body:
+        body["Details"] = _cut(body["Details"])
+    return orjson.dumps(body, option=_PRETTY)
+
+
 def error_answer(request: Request, error: OrthancError, describe: bool = True) -> Response:
     """Orthanc's error answer. A 405 has an empty body and `Allow`, like the real server."""
-    headers = dict(error.headers)
-    if isinstance(error, MethodNotAllowed) or not describe:
-        return Response(b"", status_code=error.http_status, headers=headers)
-    body = orjson.dumps(error.as_json(request.method, request.url.path), option=_PRETTY)
-    return Response(body, status_code=error.http_status, headers=headers, media_type="application/json")
+    body = error_body(error, request.method, request.url.path, describe)
+    return Response(body, status_code=error.http_status, headers=dict(error.headers),
+                    media_type="application/json" if body else None)
 
 
 async def handle_orthanc_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, OrthancError)
-    if exc.http_status >= 500:
-        log.error("%s %s failed: %s", request.method, request.url.path, exc)
+    if exc.http_status >= 500:  # a busy answer is routine under load, not an error
+        level = logging.INFO if isinstance(exc, ServiceBusy) else logging.ERROR
+        log.log(level, "%s %s failed: %s", request.method, _cut(request.url.path), _cut(str(exc)))
     return error_answer(request, exc, request.app.state.describe_errors)
 
 
@@ -128,6 +150,25 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     return error_answer(request, error, request.app.state.describe_errors)
 
 
+async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    """A client hanging up mid-body is its own business, not a crash: one debug line, so that a
+    client cannot flood the log with tracebacks. The answer goes nowhere; it ends the request."""
+    log.debug("%s %s: the client disconnected", request.method, _cut(request.url.path))
+    return error_answer(request, BadRequest("The client disconnected"), request.app.state.describe_errors)
+
+
+async def handle_os_error(request: Request, exc: Exception) -> Response:
+    """Safety net for a full disk met where nothing mapped it: 507 FullStorage in one log line,
+    as where it is mapped. Any other OSError is unexpected."""
+    if is_disk_full(exc):
+        return await handle_orthanc_error(request, FullStorage(f"Cannot write: {exc.strerror}"))
+    return await handle_unexpected(request, exc)
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("%s %s crashed", request.method, request.url.path)
-    return error_answer(request, InternalError(f"{type(exc).__name__}: {exc}"))
+    """A bug: logged once with its traceback, answered with Orthanc's 500 JSON. Registered for
+    `Exception`, it runs in Starlette's ServerErrorMiddleware, which re-raises after answering;
+    accelerator.api.server keeps uvicorn from logging that a second time."""
+    log.error("%s %s crashed", request.method, _cut(request.url.path), exc_info=exc)
+    error = InternalError(f"{type(exc).__name__}: {exc}")
+    return error_answer(request, error, request.app.state.describe_errors)

@@ -253,8 +253,22 @@ async def test_wrong_method_is_405_with_allow(client):
 
 
 async def test_bad_list_arguments_are_400(client):
-    answer = await client.get("/patients?limit=-1")
-    assert answer.status_code == 400 and "limit" in answer.json()["Details"]
+    """As Orthanc (boost::lexical_cast<size_t> failing): 400 Bad type for a parameter, never 500,
+    for signs, non-ASCII digits that Python reads as digits, and values beyond a size_t."""
+    for value in ("-1", "", "x", "1e3", "\u0661\u0662", "\u00b2", "18446744073709551616", "9" * 5000):
+        for name in ("limit", "since"):
+            answer = await client.get("/patients", params={name: value})
+            assert answer.status_code == 400, (name, value)
+            assert answer.json()["OrthancStatus"] == 5 and name in answer.json()["Details"]
+
+
+async def test_huge_list_arguments_are_clamped(client):
+    patient = (await _upload(client, dummy_ct()))["ParentPatient"]
+    for limit, since, expected in (("18446744073709551615", "0", [patient]),
+                                   ("9223372036854775808", "0", [patient]),
+                                   ("1", "18446744073709551615", [])):
+        answer = await client.get("/patients", params={"limit": limit, "since": since})
+        assert answer.status_code == 200 and answer.json() == expected, (limit, since)
 
 
 async def test_errors_without_description(make_config):
