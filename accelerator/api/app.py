@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -56,8 +57,10 @@ def create_app(config: Config, store: Store | None = None, *, peers_: Peers | No
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
-            async with engine.running():  # jobs stop before the store closes
+            async with engine.running(), anyio.create_task_group() as tasks:  # jobs stop before the store closes
+                tasks.start_soon(app.state.receiver.expire_periodically)
                 yield
+                tasks.cancel_scope.cancel()
         finally:
             await peer_clients.aclose()
             store.close()
@@ -88,8 +91,10 @@ def create_app(config: Config, store: Store | None = None, *, peers_: Peers | No
         store,
         Path(config.storage_directory) / TRANSFERS_FOLDER / "push",
         max_transactions=config.transfers.max_push_transactions,
-        idle_timeout=config.http_timeout,
+        idle_timeout=config.transfers.push_transaction_timeout,
+        limits=config.transfers.limits,
         commit_threads=config.transfers.commit_threads_count,
+        drain_timeout=config.http_timeout or 60,
     )
     return app
 

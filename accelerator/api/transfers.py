@@ -167,7 +167,7 @@ async def put_bucket(request: Request) -> Response:
     try:
         writer = receiver.bucket_writer(tx, index)
     except BaseException:
-        receiver.end_bucket(tx)
+        receiver.end_bucket(tx, index)
         raise
     try:
         # Deflate never grows data by more than ~0.1 % + a few bytes; anything beyond is refused.
@@ -185,18 +185,17 @@ async def put_bucket(request: Request) -> Response:
                 pending, pending_size = [], 0
                 tx.touch()
         await to_thread.run_sync(writer.feed, b"".join(pending))
-        await to_thread.run_sync(writer.finish)
-        await to_thread.run_sync(receiver.landed, tx, index, writer)
+        await to_thread.run_sync(receiver.land, tx, index, writer)
     except NetworkProtocol as exc:
         raise NetworkProtocol(f"Bucket {index}: {exc.details}") from exc
     finally:
         writer.close()
-        receiver.end_bucket(tx)
+        receiver.end_bucket(tx, index)
     return json_answer({})
 
 
 async def post_commit(request: Request) -> Response:
-    await to_thread.run_sync(_receiver(request).commit, request.path_params["tx"])
+    await _receiver(request).commit(request.path_params["tx"])
     return json_answer({})
 
 

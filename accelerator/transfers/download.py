@@ -11,12 +11,13 @@ time, never a whole instance.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -122,6 +123,7 @@ class PayloadWriter:
         self.position = 0  # raw bytes written so far
         self.received = 0  # wire bytes fed so far
         self.digests: dict[str, str] = {}  # MD5 of the chunks that are whole instances
+        self.skip: frozenset[str] = frozenset()  # instances whose ranges are not written
         self._hasher = None
 
     def feed(self, piece: bytes) -> None:
@@ -132,10 +134,13 @@ class PayloadWriter:
         else:
             self.spool.write(data)
 
-    def finish(self) -> int:
+    def finish(self, skip: Collection[str] = ()) -> int:
+        """Check the payload's size and, when spooled, write it out; the ranges of the instances
+        in `skip` are not written (their bytes are already verified)."""
         try:
             self.decoder.finish()
             if self.spool is not None:
+                self.skip = frozenset(skip)
                 self.spool.seek(0)
                 while block := self.spool.read(_BLOCK):
                     self._scatter(block)
@@ -152,18 +157,14 @@ class PayloadWriter:
         view = memoryview(data)
         while view and self.index < len(self.ranges):
             r = self.ranges[self.index]
-            if self.done_in_range == 0 and r.instance_offset == 0 and \
+            writing = r.instance_id not in self.skip
+            if writing and self.done_in_range == 0 and r.instance_offset == 0 and \
                     r.length == self.area.instances[r.instance_id].size:
                 self._hasher = hashlib.md5()
             take = min(len(view), r.length - self.done_in_range)
             piece = view[:take]
-            fd = os.open(self.area.path_of(r.instance_id), os.O_WRONLY)
-            try:
-                written = 0
-                while written < take:
-                    written += os.pwrite(fd, piece[written:], r.instance_offset + self.done_in_range + written)
-            finally:
-                os.close(fd)
+            if writing:
+                self._write(r.instance_id, piece, r.instance_offset + self.done_in_range)
             if self._hasher is not None:
                 self._hasher.update(piece)
             view = view[take:]
@@ -176,17 +177,31 @@ class PayloadWriter:
                 self.index += 1
                 self.done_in_range = 0
 
+    def _write(self, instance_id: str, piece: memoryview, offset: int) -> None:
+        fd = os.open(self.area.path_of(instance_id), os.O_WRONLY)
+        try:
+            written = 0
+            while written < len(piece):
+                written += os.pwrite(fd, piece[written:], offset + written)
+        finally:
+            os.close(fd)
+
 
 class Assembly:
     """Which buckets of a plan have landed, and the instances made ready as their last one lands.
 
     `landed` is called by worker threads (blocking work; no lock held during I/O). An instance is
     ready once its MD5 matches, its file is fsync'ed and its header parsed. `settle` checks, from
-    the files on disk, every instance not ready yet (buckets that landed before a restart, or
-    never), and returns the bad ones; `refetch` gives back the buckets to send again for them.
+    the files on disk, every instance not ready yet (buckets that landed before a restart), and
+    returns the bad ones; `refetch` gives back the buckets to send again for them.
+
+    A writer that may race with others on the same instances (the push receiver: a bucket sent
+    again while another completes the instance) `claim`s the instances before writing: an
+    instance that is ready or being verified is not handed out, so its bytes cannot change after
+    their MD5 was checked, and an instance is verified only once no claimed writer is left.
     """
 
-    def __init__(self, area: DownloadArea, buckets: Sequence[Bucket], landed: Sequence[int] = ()):
+    def __init__(self, area: DownloadArea, buckets: Sequence[Bucket], landed: Collection[int] = ()):
         self.area = area
         self.buckets = list(buckets)
         self.waiting: dict[str, set[int]] = {iid: set() for iid in area.instances}
@@ -197,6 +212,8 @@ class Assembly:
         for index in landed:
             self._mark(index)
         self.ready: dict[str, FileToIngest] = {}
+        self._verifying: set[str] = set()
+        self._writers: dict[str, int] = {}  # instance -> claimed writers
         self._lock = threading.Lock()
 
     def _mark(self, index: int) -> list[str]:
@@ -210,13 +227,45 @@ class Assembly:
                     complete.append(instance_id)
         return complete
 
-    def landed(self, index: int, digests: dict[str, str]) -> None:
+    def claim(self, instance_ids: Collection[str]) -> set[str]:
+        """The instances among these that may be written now (not ready, not being verified)."""
         with self._lock:
-            complete = self._mark(index)
+            claimed = {iid for iid in instance_ids if iid not in self.ready and iid not in self._verifying}
+            for iid in claimed:
+                self._writers[iid] = self._writers.get(iid, 0) + 1
+        return claimed
+
+    def release(self, claimed: Collection[str]) -> None:
+        with self._lock:
+            self._release(claimed)
+
+    def _release(self, claimed: Collection[str]) -> None:
+        for iid in claimed:
+            if self._writers[iid] == 1:
+                del self._writers[iid]
+            else:
+                self._writers[iid] -= 1
+
+    def landed(self, index: int, digests: dict[str, str], claimed: Collection[str] = ()) -> None:
+        """Bucket `index` is written (its `claimed` instances are released): verify, sync and
+        parse the instances it completes, unless another writer still holds them (it will)."""
+        with self._lock:
+            self._release(claimed)
+            complete = [iid for iid in self._mark(index)
+                        if iid not in self.ready and iid not in self._verifying and iid not in self._writers]
+            self._verifying.update(complete)
         for instance_id in complete:
             self._prepare(instance_id, digests.get(instance_id))
 
     def _prepare(self, instance_id: str, md5: str | None = None) -> bool:
+        """Verify, sync and parse one instance that no writer holds (marked as verifying)."""
+        try:
+            return self._verify(instance_id, md5)
+        finally:
+            with self._lock:
+                self._verifying.discard(instance_id)
+
+    def _verify(self, instance_id: str, md5: str | None) -> bool:
         info = self.area.instances[instance_id]
         if (md5 or self.area.md5_of(instance_id)) != info.md5:
             with self._lock:
@@ -234,14 +283,17 @@ class Assembly:
         return True
 
     def settle(self, threads: int = 2) -> list[str]:
-        """Check every instance not ready yet from its file; returns the bad ones, sorted."""
+        """Check every instance not ready yet from its file; returns the bad ones, sorted. An
+        instance with a bucket that never landed is bad without reading its (sparse) file."""
         with self._lock:
-            todo = sorted(iid for iid in self.area.instances if iid not in self.ready)
-        if not todo:
-            return []
-        with ThreadPoolExecutor(max(1, threads)) as pool:  # hashlib releases the GIL
-            verdicts = list(pool.map(self._prepare, todo))
-        return [iid for iid, good in zip(todo, verdicts) if not good]
+            todo = sorted(iid for iid, waiting in self.waiting.items()  # all buckets landed
+                          if not waiting and iid not in self.ready and iid not in self._verifying)
+            self._verifying.update(todo)
+        if todo:
+            with ThreadPoolExecutor(max(1, threads)) as pool:  # hashlib releases the GIL
+                list(pool.map(self._prepare, todo))
+        with self._lock:
+            return sorted(iid for iid in self.area.instances if iid not in self.ready)
 
     def refetch(self, instance_ids: Sequence[str]) -> set[int]:
         """The buckets to send again for these instances, which wait for them once more."""
@@ -257,3 +309,56 @@ class Assembly:
     def files(self) -> list[FileToIngest]:
         """Every instance, ready, in ID order (call after `settle` found nothing bad)."""
         return [self.ready[iid] for iid in sorted(self.ready)]
+
+
+class LandedLog:
+    """The buckets of a transfer that have landed, as lines appended to a file of its download
+    area: `+index wire_bytes` when a bucket lands, `-index` when it must be fetched again.
+
+    A bucket costs one short line, not a rewrite of the plan. Each line is one `os.write` to an
+    O_APPEND file made once the bucket's bytes are written, so like them it survives a kill -9
+    (both are in the page cache); a line cut short by a crash is ignored (its bucket is fetched
+    again). Instance files are named by Orthanc IDs, so the log's name cannot clash with one.
+    """
+
+    NAME = "landed.log"
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / self.NAME
+        self._fd: int | None = None
+        self._opening = threading.Lock()  # workers land buckets from several threads
+
+    def read(self) -> tuple[set[int], int]:
+        """(buckets landed, wire bytes received) as logged; nothing if there is no log yet."""
+        landed: set[int] = set()
+        received = 0
+        try:
+            lines = self.path.read_bytes().split(b"\n")[:-1]  # after the last newline: unfinished
+        except FileNotFoundError:
+            return landed, received
+        for line in lines:
+            with contextlib.suppress(ValueError):  # a damaged line: that bucket is fetched again
+                if line.startswith(b"+"):
+                    index, wire = (int(n) for n in line[1:].split(b" "))
+                    landed.add(index)
+                    received += wire
+                elif line.startswith(b"-"):
+                    landed.discard(int(line[1:]))
+        return landed, received
+
+    def landed(self, index: int, wire_bytes: int) -> None:
+        self._append(f"+{index} {wire_bytes}\n")
+
+    def again(self, indices: Collection[int]) -> None:
+        self._append("".join(f"-{i}\n" for i in sorted(indices)))
+
+    def _append(self, lines: str) -> None:
+        with self._opening:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.write(self._fd, lines.encode())
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)

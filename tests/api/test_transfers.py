@@ -363,18 +363,6 @@ async def test_concurrent_transactions_and_buckets(client):
     assert (await client.get("/statistics")).json()["CountInstances"] == 12
 
 
-async def test_live_transactions_are_not_evicted(make_config):
-    config = make_config({"Transfers": {"MaxPushTransactions": 2}})
-    store = open_store(config)
-    async with asgi_client(create_app(config, store)) as client:
-        plan, _ = _push_plan(_study(1), 1_000_000, "none")
-        for _ in range(2):
-            assert (await client.post("/transfers/push", json=plan.to_json())).status_code == 200
-        busy = await client.post("/transfers/push", json=plan.to_json())
-        assert busy.status_code == 503 and int(busy.headers["retry-after"]) >= 1
-    store.close()
-
-
 async def test_idle_transactions_are_evicted_oldest_first(make_config):
     config = make_config({"HttpTimeout": 0, "Transfers": {"MaxPushTransactions": 2}})
     store = open_store(config)
