@@ -4,9 +4,15 @@ One `PeerClient` per `OrthancPeers` entry wraps one pooled `httpx.AsyncClient` t
 entry's options the way Orthanc's HTTP client does (spec 2.2): Basic auth sent preemptively when
 both username and password are non-empty, the entry's `HttpHeaders` on every request, its client
 certificate, `HttpsVerifyPeers` / `HttpsCACertificates` / `HttpProxy`, and the peer `Timeout`
-(else `HttpTimeout`) as both connect timeout and total timeout of an attempt. Redirects are
-followed. We ask for `Accept-Encoding: identity`, so the answers arrive as the peer wrote them
-(spec 2.5: transfer payloads are compressed by the application, never by HTTP).
+(else `HttpTimeout`) as both connect timeout and total timeout of an attempt, the body included
+(a streamed body too: a peer trickling it is cut at the deadline). We ask for
+`Accept-Encoding: identity`, so the answers arrive as the peer wrote them (spec 2.5: transfer
+payloads are compressed by the application, never by HTTP).
+
+A peer is another host, trusted with nothing. Redirects are not followed (the plugin does not
+either): following one would carry the peer's credentials and `HttpHeaders` to whatever host it
+names, so a 3xx is a failure that says where it pointed. An answer read whole is bounded
+(`max_body`, 64 MiB by default): a peer decides what it sends, we decide how much we hold.
 
 `PeerClient.request()` succeeds only when the final status is exactly 200 (spec 2.3). Unlike the
 plugin (1 s between attempts), failed attempts are retried with exponential backoff and full
@@ -32,6 +38,7 @@ from typing import Any
 import anyio
 import httpx
 import orjson
+from anyio import to_thread
 
 from accelerator import __version__
 from accelerator.config import Config, Peer
@@ -41,6 +48,8 @@ __all__ = [
     "DISABLED",
     "INSTALLED",
     "BIDIRECTIONAL",
+    "MAX_ANSWER",
+    "SMALL_ANSWER",
     "PeerClient",
     "Peers",
     "join_url",
@@ -57,6 +66,9 @@ KEEPALIVE_EXPIRY = 4.0  # seconds: below uvicorn's 5 s idle timeout; Orthanc's 1
 _BODY_SNIPPET = 200  # characters of an error answer quoted in failure details
 _ERROR_BODY_LIMIT = 64 * 1024  # bytes of a non-200 answer read (the rest is dropped)
 _PATH_SHOWN = 160  # a chunk GET path can hold dozens of ids: keep messages readable
+MAX_ANSWER = 64 * 1024 * 1024  # bytes of an answer read whole, unless the call says otherwise
+SMALL_ANSWER = 64 * 1024  # bytes: ample for a creation answer ({"ID", "Path"})
+_PARSE_INLINE = 1 << 20  # bytes of JSON parsed on the event loop; larger answers in a thread
 
 # Errors worth another attempt: the request may not have reached the peer, or its answer was lost
 # or mangled on the way. TLS verification failures are ConnectErrors too; retrying them only costs
@@ -99,6 +111,17 @@ def _snippet(body: bytes) -> str:
 
 def _seconds(value: float) -> str:
     return f"{value:g} s"
+
+
+def _redirect(response: httpx.Response) -> str:
+    """A 3xx in plain words, with the absolute target (the peer may give a relative one)."""
+    location = response.headers.get("location", "")
+    try:
+        target = str(response.request.url.join(location)) if location else "(no Location)"
+    except httpx.InvalidURL:
+        target = location
+    shown = _snippet(target.encode())
+    return f"HTTP {response.status_code}: peer answered a redirect to {shown}; redirects are not followed"
 
 
 def _describe_error(exc: BaseException, timeout: float | None) -> str:
@@ -240,7 +263,7 @@ class PeerClient:
             auth=auth,
             headers=headers,
             timeout=httpx.Timeout(self.default_timeout),
-            follow_redirects=True,
+            follow_redirects=False,  # never carry the peer's credentials and headers elsewhere
             http1=True,
             http2=False,
             trust_env=False,  # only HttpProxy applies: no surprise from *_PROXY variables
@@ -306,6 +329,7 @@ class PeerClient:
         what: str | None = None,
         accept_statuses: Collection[int] = (),
         expect_json: bool = False,
+        max_body: int = MAX_ANSWER,
     ) -> httpx.Response:
         """One call to the peer, retried as needed; the answer is read fully.
 
@@ -313,11 +337,13 @@ class PeerClient:
         once, never retried). `timeout` (seconds) overrides the peer's for each attempt, both to
         connect and in total; `retries` overrides `Transfers.MaxHttpRetries` (extra attempts).
         With `expect_json`, a 200 answer that is not JSON counts as a failed attempt (spec 2.3)
-        and `response.json()` is then safe. Raises NetworkProtocol once the attempts run out.
+        and `response.json()` is then safe. An answer of more than `max_body` bytes fails at
+        once, read no further (another attempt would get the same). Raises NetworkProtocol once
+        the attempts run out.
         """
         return await self._attempts(
             method, path, content=content, json=json, headers=headers, timeout=timeout,
-            retries=retries, what=what, accept_statuses=accept_statuses, read_body=True,
+            retries=retries, what=what, accept_statuses=accept_statuses, body_limit=max_body,
             expect_json=expect_json,
         )
 
@@ -343,12 +369,13 @@ class PeerClient:
         """Like `request()`, but yields the answer with its body not yet read.
 
         Retries cover everything up to the answer headers; the caller reads the body with
-        `response.aiter_bytes()` (httpx read timeout per read: the peer timeout) and must be
-        ready for httpx transport errors while doing so. The answer is closed on exit.
+        `response.aiter_raw()` / `aiter_bytes()` and must be ready for httpx transport errors
+        while doing so, `httpx.ReadTimeout` included: the body must have arrived by the end of
+        the attempt's total time, like a body read whole. The answer is closed on exit.
         """
         response = await self._attempts(
             method, path, content=content, json=json, headers=headers, timeout=timeout,
-            retries=retries, what=what, accept_statuses=accept_statuses, read_body=False,
+            retries=retries, what=what, accept_statuses=accept_statuses, body_limit=None,
             expect_json=False,
         )
         try:
@@ -368,9 +395,10 @@ class PeerClient:
         retries: int | None,
         what: str | None,
         accept_statuses: Collection[int],
-        read_body: bool,
+        body_limit: int | None,
         expect_json: bool,
     ) -> httpx.Response:
+        """The attempts of one call; `body_limit` None leaves the body to the caller (streamed)."""
         limit = self.default_timeout if timeout is None else (timeout if timeout > 0 else None)
         extra = self.default_retries if retries is None else max(0, retries)
         url = self.url_for(path)
@@ -380,7 +408,7 @@ class PeerClient:
             attempt += 1
             try:
                 return await self._once(
-                    client, method, url, content, json, headers, limit, read_body,
+                    client, method, url, content, json, headers, limit, body_limit,
                     accept_statuses, expect_json,
                 )
             except _Failure as failure:
@@ -407,14 +435,16 @@ class PeerClient:
         json: Any,
         headers: Mapping[str, str] | None,
         limit: float | None,
-        read_body: bool,
+        body_limit: int | None,
         accept_statuses: Collection[int],
         expect_json: bool,
     ) -> httpx.Response:
-        """One attempt, bounded by `limit` seconds in total (up to the headers when streaming)."""
+        """One attempt, bounded by `limit` seconds in total, body included (a streamed body is
+        cut at the same deadline while the caller reads it)."""
         request = client.build_request(
             method, url, content=content, json=json, headers=headers, timeout=httpx.Timeout(limit)
         )
+        start = anyio.current_time()
         response: httpx.Response | None = None
         body = b""
         try:
@@ -422,15 +452,17 @@ class PeerClient:
                 response = await client.send(request, stream=True)
                 status = response.status_code
                 if status == 200 or status in accept_statuses:
-                    if read_body:
-                        await response.aread()
+                    if body_limit is not None:
+                        await _read_bounded(response, body_limit)
+                    elif limit is not None:
+                        response.stream = _Deadline(response.stream, start + limit, limit)
                 else:
                     body = await _read_prefix(response, _ERROR_BODY_LIMIT)
         except _RETRYABLE_ERRORS as exc:
             if response is not None:
                 await _close_quietly(response)
             raise _Failure(_describe_error(exc, limit), retryable=True) from None
-        except httpx.HTTPError as exc:  # bad URL, unsupported scheme, too many redirects, ...
+        except httpx.HTTPError as exc:  # bad URL, unsupported scheme, ...
             if response is not None:
                 await _close_quietly(response)
             raise _Failure(_describe_error(exc, limit), retryable=False) from None
@@ -442,24 +474,86 @@ class PeerClient:
         if status in accept_statuses:
             return response
         if status != 200:
-            await response.aclose()
-            cause = f"HTTP {status}"
-            if response.reason_phrase:
-                cause += f" {response.reason_phrase}"
-            snippet = _snippet(body)
-            cause += f": {snippet}" if snippet else " (empty body)"
-            retryable = status >= 500 or status == 429
-            raise _Failure(cause, retryable, _retry_after(response) if retryable else None)
+            raise _status_failure(response, body)
         if expect_json:
-            try:
-                orjson.loads(response.content)
-            except orjson.JSONDecodeError as exc:
-                snippet = _snippet(response.content)
-                raise _Failure(
-                    f"HTTP 200 but the answer is not JSON ({exc}): {snippet or '(empty body)'}",
-                    retryable=True,
-                ) from None
+            await _check_json(response)
         return response
+
+
+def _status_failure(response: httpx.Response, body: bytes) -> _Failure:
+    """A non-200 answer (already closed): retryable when another attempt may get a 200."""
+    status = response.status_code
+    if 300 <= status < 400:
+        return _Failure(_redirect(response), retryable=False)
+    cause = f"HTTP {status}"
+    if response.reason_phrase:
+        cause += f" {response.reason_phrase}"
+    snippet = _snippet(body)
+    cause += f": {snippet}" if snippet else " (empty body)"
+    retryable = status >= 500 or status == 429
+    return _Failure(cause, retryable, _retry_after(response) if retryable else None)
+
+
+async def _check_json(response: httpx.Response) -> None:
+    """A 200 answer that must be JSON and is not is a failed attempt (a large one is parsed in
+    a thread: tens of MB of JSON would hold the event loop)."""
+    body = response.content
+    try:
+        if len(body) > _PARSE_INLINE:
+            await to_thread.run_sync(orjson.loads, body)
+        else:
+            orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        snippet = _snippet(body)
+        raise _Failure(
+            f"HTTP 200 but the answer is not JSON ({exc}): {snippet or '(empty body)'}",
+            retryable=True,
+        ) from None
+
+
+async def _read_bounded(response: httpx.Response, limit: int) -> None:
+    """Read the whole answer, unless it proves larger than `limit` bytes (decoded): the attempt
+    then fails for good, having held no more than that much of it."""
+    declared = response.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+        raise _Failure(f"the answer declares {declared} bytes, more than the {limit} this request "
+                       f"accepts", retryable=False)
+    parts: list[bytes] = []
+    size = 0
+    async for part in response.aiter_bytes():
+        size += len(part)
+        if size > limit:
+            raise _Failure(f"the answer is larger than the {limit} bytes this request accepts",
+                           retryable=False)
+        parts.append(part)
+    response._content = b"".join(parts)  # what `aread()` would keep: `.content`, `.json()` work
+
+
+class _Deadline(httpx.AsyncByteStream):
+    """The body of a streamed answer, due by the attempt's deadline.
+
+    httpx's read timeout is per read, so a peer sending one byte a second would hold the caller
+    for ever; past the deadline the next read fails as `httpx.ReadTimeout`, the transport error
+    a reader of a streamed body handles already (a pull fetches the bucket again).
+    """
+
+    def __init__(self, inner: httpx.AsyncByteStream, deadline: float, limit: float):
+        self._inner, self._deadline, self._limit = inner, deadline, limit
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        parts = self._inner.__aiter__()
+        while True:
+            with anyio.CancelScope(deadline=self._deadline) as scope:
+                try:
+                    part = await parts.__anext__()
+                except StopAsyncIteration:
+                    return
+            if scope.cancelled_caught:
+                raise httpx.ReadTimeout(f"no complete answer within {_seconds(self._limit)}")
+            yield part
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 async def _read_prefix(response: httpx.Response, limit: int) -> bytes:
@@ -551,7 +645,7 @@ class Peers:
         timeout = float(self.config.transfers.peer_connectivity_timeout)
         try:
             response = await client.request("GET", "/plugins", timeout=timeout, retries=0,
-                                            what="detection")
+                                            what="detection", max_body=SMALL_ANSWER)
             plugins = json_answer(response)
         except NetworkProtocol as exc:
             log.info("%s", exc.details)

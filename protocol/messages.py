@@ -27,6 +27,12 @@ MIB = 1024 * 1024
 MAX_SIZE = 2**63 - 1  # the index stores sizes as SQLite int64; nothing real comes close
 _DECIMAL = re.compile(r"(?:0|[1-9][0-9]*)", re.ASCII)
 _MD5 = re.compile(r"[0-9a-f]{32}", re.ASCII)
+# What another server names with its own identifiers (job, transaction, originator): UUIDs in
+# Orthanc and here; any short token of these characters is accepted, nothing that could carry
+# megabytes into our answers and messages, nor a query or fragment into a URL.
+_TOKEN = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}", re.ASCII)
+_PATH = re.compile(r"(?:/[0-9A-Za-z._~-]{1,64}){1,8}", re.ASCII)
+_SHOWN = 80  # characters of a refused value quoted in an error
 _INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -93,6 +99,14 @@ def _optional_string(obj: Mapping[str, Any], key: str) -> str | None:
     value = obj[key]
     if not isinstance(value, str):
         raise BadFileFormat(f"{key} should be a string")
+    return value
+
+
+def _matching(obj: Mapping[str, Any], key: str, what: str, pattern: re.Pattern[str], shape: str) -> str:
+    value = _string(obj, key, what)
+    if not pattern.fullmatch(value):
+        shown = value if len(value) <= _SHOWN else f"{value[:_SHOWN]}... ({len(value)} characters)"
+        raise BadFileFormat(f"{what} {key} is not {shape}: {shown!r}")
     return value
 
 
@@ -384,7 +398,7 @@ class LookupAnswer:
         if "Instances" not in obj:
             raise BadFileFormat("Lookup answer has no Instances")
         instances = _parse_instances(obj["Instances"])
-        return cls(instances, _string(obj, "Originator", "Lookup answer"))
+        return cls(instances, _matching(obj, "Originator", "Lookup answer", _TOKEN, "an identifier"))
 
     def to_json(self) -> dict[str, Any]:
         total = self.total_size
@@ -417,9 +431,14 @@ class Created:
 
     @classmethod
     def from_json(cls, value: Any) -> "Created":
-        """A pusher only uses Path and a bidirectional sender only ID and Path (spec 3.5, 3.6)."""
+        """A pusher only uses Path and a bidirectional sender only ID and Path (spec 3.5, 3.6).
+
+        Both come from the peer and go into our URLs and answers: the ID must be a short
+        identifier and the Path a short absolute path of plain segments.
+        """
         obj = _object(value, "Creation answer")
-        return cls(_string(obj, "ID", "Creation answer"), _string(obj, "Path", "Creation answer"))
+        return cls(_matching(obj, "ID", "Creation answer", _TOKEN, "an identifier"),
+                   _matching(obj, "Path", "Creation answer", _PATH, "a short absolute path"))
 
     def to_json(self) -> dict[str, str]:
         return {"ID": self.id, "Path": self.path}

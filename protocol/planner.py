@@ -41,6 +41,16 @@ def adaptive_bucket_size(total_size: int, bucket_size: int, workers: int) -> int
     return max(min(bucket_size, MIN_ADAPTIVE_BUCKET), min(bucket_size, wanted))
 
 
+def bucket_count_bound(instances: Instances, bucket_size: int) -> int:
+    """An upper bound of the length of either plan, known without making it: a few huge
+    instances at a small bucket size would otherwise plan millions of buckets before anything
+    could refuse them (each instance: ceil(n / 2T) buckets if split, else at most one)."""
+    if bucket_size <= 0:
+        raise ValueError("the bucket size must be positive")
+    separate_threshold = 2 * bucket_size
+    return sum(max(1, -(-size // separate_threshold)) for _, size in _sorted_sizes(instances))
+
+
 def plan_push_buckets(instances: Instances, bucket_size: int) -> list[Bucket]:
     """Push plan: groups are limited by size only (the plan travels in a JSON body)."""
     return _plan(_sorted_sizes(instances), bucket_size, url_budget=None)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -41,6 +42,7 @@ class Upstream:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.flooded = 0  # bytes of /flood handed to the server so far
         self._lock = threading.Lock()
 
     def seen(self, path: str) -> list[dict[str, str]]:
@@ -98,7 +100,20 @@ class Upstream:
 
         async def redirect(request: Request) -> Response:
             await record(request)
-            return RedirectResponse("/plugins", status_code=302)
+            return RedirectResponse(request.query_params.get("to", "/plugins"), status_code=302)
+
+        async def flood(request: Request) -> Response:
+            """256 MiB of JSON-ish bytes, chunked (no Content-Length); counts what was sent."""
+            await record(request)
+
+            async def body():
+                for _ in range(4096):
+                    if await request.is_disconnected():
+                        return
+                    self.flooded += 65536
+                    yield b" " * 65536
+
+            return StreamingResponse(body(), media_type="application/json")
 
         return Starlette(routes=[
             Route("/plugins", plugins),
@@ -110,6 +125,7 @@ class Upstream:
             Route("/big", big),
             Route("/trickle", trickle),
             Route("/redirect", redirect),
+            Route("/flood", flood),
         ])
 
 
@@ -119,6 +135,15 @@ def upstream():
     with serve_app(up.app()) as url:
         up.url = url
         yield up
+
+
+@pytest.fixture(scope="module")
+def elsewhere():
+    """Another server on loopback: where a hostile peer's redirects point."""
+    other = Upstream()
+    with serve_app(other.app()) as url:
+        other.url = url
+        yield other
 
 
 @pytest.fixture
@@ -215,10 +240,56 @@ async def test_no_basic_auth_unless_both_credentials(upstream, peers_for, creden
     assert "authorization" not in answer
 
 
-async def test_redirects_are_followed(upstream, peers_for):
+@pytest.mark.parametrize("how", ["request", "stream"])
+async def test_redirects_are_not_followed_and_credentials_stay_with_the_peer(upstream, elsewhere, peers_for, how):
+    """A peer's 302 to another host: nothing reaches that host, least of all the peer's API key."""
+    target = f"{elsewhere.url}/headers"
+    entry = {"Url": upstream.url, "Username": "alice", "Password": "orthanctest",
+             "HttpHeaders": {"X-Api-Key": "secret-key"}}
+    with anyio.fail_after(10):
+        async with peers_for({"b": entry}) as peers:
+            peer = peers.get("b")
+            with pytest.raises(NetworkProtocol) as info:
+                if how == "request":
+                    await peer.request("GET", f"/redirect?to={target}", what="lookup")
+                else:
+                    async with peer.stream("GET", f"/redirect?to={target}"):
+                        pass
+            with pytest.raises(NetworkProtocol) as relative:  # relative: shown as absolute
+                await peer.request("GET", "/redirect")
+    assert f"failed after 1 attempt: HTTP 302: peer answered a redirect to {target}; " \
+           "redirects are not followed" in info.value.details
+    assert f"peer answered a redirect to {upstream.url}/plugins;" in relative.value.details
+    assert elsewhere.requests == []  # never contacted, so never given the headers
+    assert upstream.seen("/redirect")[-1]["x-api-key"] == "secret-key"
+
+
+# -- bounded answers ---------------------------------------------------------------------------
+
+async def test_an_answer_declared_larger_than_the_bound_is_refused_unread(upstream, peers_for):
+    with anyio.fail_after(10):
+        async with FaultProxy(upstream.url) as proxy:
+            async with peers_for({"b": [proxy.url]}) as peers:
+                with pytest.raises(NetworkProtocol) as info:
+                    await peers.get("b").request("GET", "/big", max_body=len(BIG) - 1)
+                assert (await peers.get("b").request("GET", "/big", max_body=len(BIG))).content == BIG
+    assert proxy.count("GET", "/big") == 2  # refused at once, not retried
+    assert info.value.details.endswith(
+        f"failed after 1 attempt: the answer declares {len(BIG)} bytes, more than the {len(BIG) - 1} "
+        "this request accepts")
+
+
+async def test_a_flood_without_length_is_cut_at_the_bound(upstream, peers_for):
+    """A 256 MiB chunked answer: reading stops past the bound; the server could hand over only
+    what the socket buffers hold."""
     with anyio.fail_after(10):
         async with peers_for({"b": [upstream.url]}) as peers:
-            assert await peers.get("b").request_json("GET", "/redirect") == ["explorer.js", "transfers"]
+            with pytest.raises(NetworkProtocol) as info:
+                await peers.get("b").request_json("GET", "/flood", max_body=100_000)
+            assert "failed after 1 attempt: the answer is larger than the 100000 bytes this request " \
+                   "accepts" in info.value.details
+            await anyio.sleep(0.3)
+    assert upstream.flooded < 32 << 20
 
 
 async def test_stream_variant(upstream, peers_for):
@@ -372,6 +443,20 @@ async def test_timeout_is_a_total_not_per_read(upstream, peers_for):
                 await peers.get("b").request("GET", "/trickle", timeout=0.8, retries=0)
             assert time.monotonic() - start < 2.5
     assert "no complete answer within 0.8 s" in info.value.details
+
+
+async def test_a_streamed_body_is_due_by_the_deadline(upstream, peers_for):
+    """/trickle sends a byte every 0.1 s for 5 s: each read is quick, the whole is not."""
+    with anyio.fail_after(10):
+        async with peers_for({"b": [upstream.url]}) as peers:
+            start = time.monotonic()
+            async with peers.get("b").stream("GET", "/trickle", timeout=0.8, retries=0) as response:
+                with pytest.raises(httpx.ReadTimeout, match="no complete answer within 0.8 s"):
+                    async for _ in response.aiter_raw():
+                        pass
+            assert 0.7 < time.monotonic() - start < 2.5
+            async with peers.get("b").stream("GET", "/big", timeout=5) as response:  # in time: whole
+                assert b"".join([part async for part in response.aiter_raw()]) == BIG
 
 
 # -- TLS and proxy -----------------------------------------------------------------------------

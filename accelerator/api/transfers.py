@@ -14,6 +14,7 @@ from starlette.routing import Route
 from accelerator import __version__
 from accelerator.api.core import route
 from accelerator.api.http import json_answer, parse_json, read_body
+from accelerator.peers import SMALL_ANSWER
 from accelerator.transfers import pull, push, source
 from accelerator.transfers.budget import ByteBudget
 from accelerator.transfers.receiver import PushReceiver
@@ -144,7 +145,7 @@ async def post_send(request: Request) -> Response:
         json={"Compression": query.compression, "Originator": request.app.state.originator,
               "Peer": remote_self, "Resources": body["Resources"]},
         headers={"sender-transfer-id": query.sender_transfer_id or str(uuid.uuid4()), "Expect": ""},
-        what="request to pull from us (bidirectional send)", expect_json=True,
+        what="request to pull from us (bidirectional send)", expect_json=True, max_body=SMALL_ANSWER,
     )
     try:
         created = Created.from_json(response.json())

@@ -1,31 +1,43 @@
 """The PullTransfer job: lookup on the source, fetch buckets, verify, store all at once (8.1).
 
-Better than the plugin while wire-compatible: every bucket that lands is recorded in the job's
-checkpoint, so a paused, failed-then-resumed or killed job continues with the buckets it had not
-finished; a bucket whose payload is corrupt is fetched again; instances that fail their MD5 check
-have their buckets fetched again before the job gives up; and the study becomes visible in one
-index transaction.
+Better than the plugin while wire-compatible: every bucket that lands is recorded, so a paused,
+failed-then-resumed or killed job continues with the buckets it had not finished; a bucket whose
+payload is corrupt, cut short or late is fetched again; instances that fail their MD5 check have
+their buckets fetched again before the job gives up; and the study becomes visible in one index
+transaction.
+
+The source is another host and is trusted with nothing: its lookup answer is read up to a bound
+that follows `Transfers.MaxTransferInstances`, checked against the transfer limits and the free
+disk space before any plan is made, and the plan (a 1 TiB pull has 131,072 buckets) is made in a
+worker thread, off the event loop. The plan is saved once, in the job's checkpoint; a bucket that
+lands adds a line to the `LandedLog` of the download area instead of rewriting the plan.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 from anyio import to_thread
 
 from accelerator.jobs.base import JobContext, JobFailure
-from accelerator.peers import Peers
+from accelerator.peers import PeerClient, Peers
 from accelerator.store import Store
-from accelerator.transfers.download import Assembly, DownloadArea, PayloadWriter
+from accelerator.transfers.download import Assembly, DownloadArea, LandedLog, PayloadWriter, ensure_free_space
 from accelerator.transfers.workers import Counters, run_pool
 from protocol.chunks import chunk_uri, scatter_ranges
-from protocol.errors import NetworkProtocol, OrthancError
+from protocol.errors import FullStorage, NetworkProtocol, OrthancError, ParameterOutOfRange
+from protocol.limits import TransferLimits
 from protocol.messages import (
+    Bucket,
     InstanceInfo,
     LookupAnswer,
     TransferQuery,
@@ -35,18 +47,75 @@ from protocol.messages import (
     parse_bucket,
     size_mb,
 )
-from protocol.planner import adaptive_bucket_size, plan_pull_buckets
+from protocol.planner import adaptive_bucket_size, bucket_count_bound, plan_pull_buckets
 
 log = logging.getLogger(__name__)
 
 JOB_TYPE = "PullTransfer"
 VERIFY_ROUNDS = 2  # re-fetch rounds for instances that fail their MD5 check
 _FEED_BLOCK = 1 << 20
+LOOKUP_BYTES_PER_INSTANCE = 512  # of a lookup answer (the plugin's take about 150)
+LOOKUP_OVERHEAD = 64 * 1024  # bytes of a lookup answer besides its instances
+_DETAILS_SHOWN = 300  # characters of a peer's malformed answer quoted in a job's ErrorDetails
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a pull fetches, as saved once in the checkpoint. `landed` and `received` are what
+    the checkpoint itself recorded (checkpoints written before the `LandedLog` existed)."""
+
+    instances: list[InstanceInfo]
+    buckets: list[Bucket]
+    landed: frozenset[int] = frozenset()
+    received: int = 0
+
+    @property
+    def total_size(self) -> int:
+        return sum(info.size for info in self.instances)
+
+    def to_state(self) -> dict[str, Any]:
+        return {"instances": [i.to_json() for i in self.instances],
+                "buckets": [bucket_to_json(b) for b in self.buckets], "done": [], "received": 0}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Plan:
+        """Blocking for a large plan (100,000 buckets take half a second): call in a thread."""
+        return cls([InstanceInfo.from_json(i) for i in state["instances"]],
+                   [parse_bucket(b) for b in state["buckets"]],
+                   frozenset(state.get("done", ())), state.get("received", 0))
+
+
+@dataclass
+class _Download:
+    """One run of a pull: its plan, download area, and the buckets landed so far."""
+
+    plan: Plan
+    area: DownloadArea
+    assembly: Assembly
+    log: LandedLog
+    done: set[int] = field(default_factory=set)
+    received: int = 0
+
+    def landed(self, index: int, writer: PayloadWriter) -> None:
+        """Bucket `index` is written: verify, sync and parse what it completes, then log it.
+        Blocking: call in a worker thread."""
+        self.assembly.landed(index, writer.digests)
+        self.log.landed(index, writer.received)
+
+    def again(self, bad_instances: list[str]) -> None:
+        """The buckets of instances that fail their MD5 check are to be fetched again."""
+        buckets = self.assembly.refetch(bad_instances)
+        self.log.again(buckets)
+        self.done -= buckets
+
+    def pending(self) -> list[int]:
+        return [i for i in range(len(self.plan.buckets)) if i not in self.done]
 
 
 class PullDriver:
     def __init__(self, *, store: Store, peers: Peers, folder: Path, bucket_size: int, threads: int,
-                 retries: int, skip_stored: bool = False, adaptive: bool = True):
+                 retries: int, skip_stored: bool = False, adaptive: bool = True,
+                 limits: TransferLimits | None = None):
         self.store = store
         self.peers = peers
         self.folder = Path(folder)
@@ -55,6 +124,12 @@ class PullDriver:
         self.retries = retries
         self.skip_stored = skip_stored
         self.adaptive = adaptive
+        self.limits = limits or peers.config.transfers.limits
+
+    @property
+    def lookup_bound(self) -> int:
+        """Bytes of a lookup answer read at most: room for `MaxTransferInstances` instances."""
+        return LOOKUP_OVERHEAD + LOOKUP_BYTES_PER_INSTANCE * self.limits.max_instances
 
     def area(self, ctx: JobContext, instances: list[InstanceInfo]) -> DownloadArea:
         return DownloadArea(self.folder / ctx.job_id, instances)
@@ -62,56 +137,67 @@ class PullDriver:
     async def run(self, ctx: JobContext) -> None:
         query = TransferQuery.from_json(ctx.query)
         peer = self.peers.get(query.peer)
-        state = ctx.checkpoint or await self._plan(ctx, query, peer)
-        if state is None:
+        state = ctx.checkpoint
+        plan = await self._plan(ctx, query, peer) if state is None else \
+            await to_thread.run_sync(Plan.from_state, state)
+        if plan is None:
             return  # nothing to transfer
-        instances = [InstanceInfo.from_json(i) for i in state["instances"]]
-        buckets = [parse_bucket(b) for b in state["buckets"]]
-        done: set[int] = set(state["done"])
-        area = self.area(ctx, instances)
-        await to_thread.run_sync(area.create)
-        assembly = Assembly(area, buckets, landed=done)
-        counters = Counters(len(buckets), completed=len(done))
-        received = state.get("received", 0)
+        download = await to_thread.run_sync(self._open, ctx, plan)
+        try:
+            started = time.monotonic()
+            await self._download(ctx, query, peer, download)
+        finally:
+            download.log.close()
+        settled = time.monotonic()
+        try:
+            await to_thread.run_sync(lambda: self.store.ingest_files(download.assembly.files(), origin="Plugins"))
+        except OrthancError as exc:
+            raise JobFailure(f"cannot store the instances pulled from {query.peer!r}: {exc}") from exc
+        await to_thread.run_sync(download.area.remove)
+        log.info("job %s: %d bucket(s) from %r fetched and verified in %.2f s, committed %d instance(s) in %.2f s",
+                 ctx.job_id, len(plan.buckets), query.peer, settled - started, len(plan.instances),
+                 time.monotonic() - settled)
+
+    def _open(self, ctx: JobContext, plan: Plan) -> _Download:
+        """The download area, ready, with what landed before (blocking: in a worker thread)."""
+        area = self.area(ctx, plan.instances).create()
+        landed = LandedLog(area.folder)
+        logged, received = landed.read()
+        done = {i for i in plan.landed | logged if 0 <= i < len(plan.buckets)}
+        return _Download(plan, area, Assembly(area, plan.buckets, landed=done), landed, done,
+                         plan.received + received)
+
+    async def _download(self, ctx: JobContext, query: TransferQuery, peer: PeerClient, download: _Download) -> None:
+        """Fetch every bucket not landed yet; then again those of instances failing their MD5."""
+        buckets = download.plan.buckets
+        counters = Counters(len(buckets), completed=len(download.done))
 
         async def fetch(index: int) -> None:
-            nonlocal received
-            bucket = buckets[index]
-            writer = await self._fetch(peer, query, bucket, index, area)
-            await to_thread.run_sync(assembly.landed, index, writer.digests)  # verify, sync, parse
-            done.add(index)
-            received += writer.received
+            writer = await self._fetch(peer, query, buckets[index], index, download.area)
+            await to_thread.run_sync(download.landed, index, writer)
+            download.done.add(index)
+            download.received += writer.received
             counters.bucket_done(writer.received)
-            await ctx.save(dict(state, done=sorted(done), received=received),
-                           content=counters.content("DownloadedSizeMB", received), progress=counters.progress)
+            ctx.report(content=counters.content("DownloadedSizeMB", download.received),
+                       progress=counters.progress)
 
-        started = time.monotonic()
         for verify_round in range(VERIFY_ROUNDS + 1):
-            await run_pool([i for i in range(len(buckets)) if i not in done], self.threads, fetch)
-            fetched = time.monotonic()
-            bad = await to_thread.run_sync(assembly.settle, 2)
+            await run_pool(download.pending(), self.threads, fetch)
+            bad = await to_thread.run_sync(download.assembly.settle, 2)
             if not bad:
-                break
+                return
             if verify_round == VERIFY_ROUNDS:
                 raise JobFailure(f"{len(bad)} instance(s) from peer {query.peer!r} fail their MD5 check "
                                  f"after {VERIFY_ROUNDS} re-fetches: {', '.join(bad[:5])}")
             log.warning("job %s: %d instance(s) fail their MD5 check, fetching their buckets again",
                         ctx.job_id, len(bad))
-            done -= assembly.refetch(bad)
+            await to_thread.run_sync(download.again, bad)
 
-        settled = time.monotonic()
-        try:
-            await to_thread.run_sync(lambda: self.store.ingest_files(assembly.files(), origin="Plugins"))
-        except OrthancError as exc:
-            raise JobFailure(f"cannot store the instances pulled from {query.peer!r}: {exc}") from exc
-        await to_thread.run_sync(area.remove)
-        log.info("job %s: %d bucket(s) from %r in %.2f s, verified in %.2f s, committed %d instance(s) in %.2f s",
-                 ctx.job_id, len(buckets), query.peer, fetched - started, settled - fetched, len(instances),
-                 time.monotonic() - settled)
-
-    async def _fetch(self, peer, query: TransferQuery, bucket, index: int, area: DownloadArea) -> PayloadWriter:
+    async def _fetch(self, peer: PeerClient, query: TransferQuery, bucket: Bucket, index: int,
+                     area: DownloadArea) -> PayloadWriter:
         """GET one bucket, streaming it into the instance files. The peer client retries the
-        request; a body that breaks or decodes badly is fetched again here."""
+        request up to its headers and cuts a body that is not complete by the peer's timeout;
+        a body that breaks, decodes badly or comes too late is fetched again here."""
         size = bucket_size(bucket)
         uri = chunk_uri(bucket, query.compression)
         for attempt in range(1 + self.retries):
@@ -124,38 +210,59 @@ class PullDriver:
                     cause = exc.details if isinstance(exc, NetworkProtocol) else f"{type(exc).__name__}: {exc}"
             if attempt == self.retries:
                 raise NetworkProtocol(f"peer {query.peer!r}: GET bucket {index} ({uri.split('?')[0]}) failed "
-                                      f"after {attempt + 1} attempts: the answer is corrupt or cut short: {cause}")
-            log.warning("job %s: bucket %d from %r is corrupt or cut short (%s), fetching it again",
+                                      f"after {attempt + 1} attempts: the answer is corrupt, cut short or "
+                                      f"late: {cause}")
+            log.warning("job %s: bucket %d from %r is corrupt, cut short or late (%s), fetching it again",
                         area.folder.name, index, query.peer, cause)
         raise AssertionError("unreachable")
 
-    async def _plan(self, ctx: JobContext, query: TransferQuery, peer) -> dict[str, Any] | None:
-        response = await peer.request(
-            "POST", "/transfers/lookup", json=lookup_request_to_json(query.resources),
-            headers={"sender-transfer-id": sender_transfer_id(ctx), "Expect": ""}, what="lookup", expect_json=True,
-        )
-        try:
-            lookup = LookupAnswer.from_json(response.json())
-        except (ValueError, OrthancError) as exc:
-            raise NetworkProtocol(f"peer {query.peer!r} answered a malformed lookup: {exc}") from exc
-        if query.originator is not None and lookup.originator != query.originator:
-            raise JobFailure(f"peer {query.peer!r} is not the server that asked for this pull "
-                             f"(Originator {lookup.originator} != {query.originator}): check RemoteSelf")
-        instances = list(lookup.instances)
+    async def _plan(self, ctx: JobContext, query: TransferQuery, peer: PeerClient) -> Plan | None:
+        """Ask the peer what to fetch, check it, plan it (in a thread) and save the plan once."""
+        instances = await self._lookup(ctx, query, peer)
         if self.skip_stored or query_skip_stored(ctx.query):
             instances = await to_thread.run_sync(self._not_stored, instances)
         if not instances:
             await ctx.save(None, progress=1.0)
             return None
+        await to_thread.run_sync(self.area(ctx, []).remove)  # a stale area, and its log, are not ours
+        plan, state = await to_thread.run_sync(self._make_plan, query, peer.url, instances)
+        await ctx.save(state, content={"TotalInstances": len(instances), "TotalSizeMB": size_mb(plan.total_size),
+                                       "CompletedHttpQueries": 0, "DownloadedSizeMB": 0},
+                       progress=1 / (2 + len(plan.buckets)))
+        return plan
+
+    async def _lookup(self, ctx: JobContext, query: TransferQuery, peer: PeerClient) -> list[InstanceInfo]:
+        response = await peer.request(
+            "POST", "/transfers/lookup", json=lookup_request_to_json(query.resources),
+            headers={"sender-transfer-id": sender_transfer_id(ctx), "Expect": ""}, what="lookup",
+            expect_json=True, max_body=self.lookup_bound,
+        )
+        lookup = await to_thread.run_sync(self._parse_lookup, query.peer, response.content)
+        if query.originator is not None and lookup.originator != query.originator:
+            raise JobFailure(f"peer {query.peer!r} is not the server that asked for this pull "
+                             f"(Originator {lookup.originator} != {query.originator}): check RemoteSelf")
+        return list(lookup.instances)
+
+    def _parse_lookup(self, name: str, body: bytes) -> LookupAnswer:
+        """The lookup answer, within the transfer limits (blocking: tens of MB of JSON)."""
+        try:
+            lookup = LookupAnswer.from_json(orjson.loads(body))
+        except (ValueError, OrthancError) as exc:
+            raise NetworkProtocol(f"peer {name!r} answered a malformed lookup: {_clip(str(exc))}") from exc
+        with _refused(name):
+            self.limits.check(lookup.instances, "the lookup answer")
+        return lookup
+
+    def _make_plan(self, query: TransferQuery, base_url: str, instances: list[InstanceInfo]) -> tuple[Plan, dict]:
+        """The plan and its checkpoint, once the disk has room (blocking: in a worker thread)."""
         total = sum(i.size for i in instances)
         size = adaptive_bucket_size(total, self.bucket_size, self.threads) if self.adaptive else self.bucket_size
-        buckets = plan_pull_buckets(instances, size, peer.url, query.compression)
-        state = {"instances": [i.to_json() for i in instances],
-                 "buckets": [bucket_to_json(b) for b in buckets], "done": [], "received": 0}
-        await ctx.save(state, content={"TotalInstances": len(instances), "TotalSizeMB": size_mb(total),
-                                       "CompletedHttpQueries": 0, "DownloadedSizeMB": 0},
-                       progress=1 / (2 + len(buckets)))
-        return state
+        with _refused(query.peer):
+            ensure_free_space(self.folder, total)
+            self.limits.check_chunks(bucket_count_bound(instances, size),
+                                     f"the plan at a bucket size of {size} bytes (Transfers.BucketSize)")
+        plan = Plan(instances, plan_pull_buckets(instances, size, base_url, query.compression))
+        return plan, plan.to_state()
 
     def _not_stored(self, instances: list[InstanceInfo]) -> list[InstanceInfo]:
         index = self.store.index
@@ -163,6 +270,19 @@ class PullDriver:
 
     async def discard(self, ctx: JobContext) -> None:
         await to_thread.run_sync(lambda: DownloadArea(self.folder / ctx.job_id, []).remove())
+
+
+@contextlib.contextmanager
+def _refused(peer: str) -> Iterator[None]:
+    """A transfer beyond the limits or the free disk space fails its job, naming the peer."""
+    try:
+        yield
+    except (ParameterOutOfRange, FullStorage) as exc:
+        raise JobFailure(f"cannot pull from peer {peer!r}: {exc.details}") from exc
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _DETAILS_SHOWN else f"{text[:_DETAILS_SHOWN]}... ({len(text)} characters)"
 
 
 async def _receive(response: httpx.Response, writer: PayloadWriter) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from anyio import to_thread
 
 from accelerator.jobs.base import JobContext, JobFailure
-from accelerator.peers import Peers
+from accelerator.peers import SMALL_ANSWER, Peers
 from accelerator.store import Store
 from accelerator.transfers import source
 from accelerator.transfers.budget import ByteBudget
@@ -148,7 +148,7 @@ class PushDriver:
         response = await peer.request(
             "POST", "/transfers/push", json=plan.to_json(), timeout=self.commit_timeout,
             headers={"sender-transfer-id": sender_transfer_id(ctx), "Expect": ""},
-            what="creation of the push transaction", expect_json=True,
+            what="creation of the push transaction", expect_json=True, max_body=SMALL_ANSWER,
         )
         try:
             created = Created.from_json(response.json())

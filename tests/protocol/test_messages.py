@@ -156,6 +156,14 @@ def test_lookup_answer_needs_instances_and_originator():
             LookupAnswer.from_json(bad)
 
 
+def test_lookup_answer_originator_is_a_short_identifier():
+    """It is quoted in a failed job's details: a 50 MB one would land there whole."""
+    for bad in ("x" * 65, "x" * 50_000_000, "a b", "a\nb", "", "é"):
+        with pytest.raises(BadFileFormat) as info:
+            LookupAnswer.from_json({"Instances": [], "Originator": bad})
+        assert len(str(info.value)) < 200
+
+
 def test_lookup_requests_captured_are_parsed_or_refused_like_the_plugin(wire):
     for exchange in wire.exchanges("02-lookup"):
         if exchange["method"] != "POST" or exchange["request"]["body"]["kind"] != "json":
@@ -350,6 +358,21 @@ def test_created_answers():
     for bad in ({"ID": "x"}, {"Path": "/x"}, {"ID": 1, "Path": "/x"}, ["x"]):
         with pytest.raises(BadFileFormat):
             Created.from_json(bad)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("ID", "j" * 50_000_000), ("ID", "j" * 65), ("ID", "../x"), ("ID", "a b"), ("ID", ""),
+    ("Path", "/jobs/" + "j" * 50_000_000), ("Path", "jobs/x"), ("Path", "/jobs/x?y=1"),
+    ("Path", "/jobs/x#y"), ("Path", "//evil.example/x"), ("Path", "/" + "/a" * 9), ("Path", "/"),
+])
+def test_created_answers_are_short_identifiers_and_paths(field, value):
+    """Both are echoed in our answers and used in our URLs: a 50 MB field is refused, quoted
+    in a few characters only."""
+    good = {"ID": "5f3a86ea-6e2d-4b5b-9f60-2b0cda6b1c83", "Path": "/transfers/push/5f3a86ea-6e2d-4b5b"}
+    assert Created.from_json(good) == Created(good["ID"], good["Path"])
+    with pytest.raises(BadFileFormat) as info:
+        Created.from_json(dict(good, **{field: value}))
+    assert len(str(info.value)) < 200 and f"Creation answer {field}" in str(info.value)
 
 
 def test_creation_answers_captured_parse(wire):

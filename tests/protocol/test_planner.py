@@ -12,6 +12,7 @@ from protocol.chunks import chunk_uri
 from protocol.messages import Chunk, InstanceInfo, bucket_size, bucket_to_json
 from protocol.planner import (
     MAX_PULL_URL_LENGTH,
+    bucket_count_bound,
     plan_buckets,
     plan_pull_buckets,
     plan_push_buckets,
@@ -260,6 +261,18 @@ def test_push_plans_cover_every_byte_once_within_bounds(case):
 def test_pull_plans_cover_every_byte_once_within_bounds(case):
     sizes, threshold, plan, pull = case
     _check_plan(sizes, threshold, plan, pull)
+    assert len(plan) <= bucket_count_bound(sizes, threshold)
+
+
+def test_bucket_count_bound_is_known_without_planning():
+    """A peer declaring a 2**63-1 byte instance: the bound says how absurd before any plan."""
+    huge = "ffffffff-ffffffff-ffffffff-ffffffff-ffffffff"
+    assert bucket_count_bound({huge: 2**63 - 1}, T) == -(-(2**63 - 1) // (2 * T))
+    assert bucket_count_bound({huge: 2**40}, T) == 131_072 == len(plan_pull_buckets({huge: 2**40}, T, LOCAL, "none"))
+    small = {f"{i:08x}-00000000-00000000-00000000-00000000": 10 for i in range(50)}
+    assert bucket_count_bound(small, T) == 50 > len(plan_push_buckets(small, T))
+    with pytest.raises(ValueError):
+        bucket_count_bound(small, 0)
 
 
 def test_adaptive_bucket_size_only_shrinks_small_transfers():
