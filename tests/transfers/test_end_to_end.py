@@ -172,13 +172,14 @@ def test_command_line_send_pull_jobs_peers(pair, capsys):
     assert "PullTransfer Success" in " ".join(capsys.readouterr().out.split())
     _clear(pair.b)
     assert main(["send", "b-bidir", "--study", study, "--wait", "--no-progress", "--url", pair.a.url]) == 0
-    assert "pulls from us as job" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pulls from us as job" in out
+    job_id = out.split("pulls from us as job ")[1].split()[0]  # not the first listed: jobs of other tests run too
     assert pair.b.statistics()["CountInstances"] == 7
 
     assert main(["jobs", "--url", pair.b.url]) == 0
     listing = capsys.readouterr().out
-    job_id = listing.split()[0]
-    assert "PullTransfer" in listing
+    assert f"{job_id}  PullTransfer Success" in listing
     assert main(["jobs", job_id, "--url", pair.b.url]) == 0 and job_id in capsys.readouterr().out
     with pytest.raises(SystemExit, match="HTTP 400"):
         main(["jobs", job_id, "--resubmit", "--url", pair.b.url])  # a successful job
