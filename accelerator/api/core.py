@@ -218,7 +218,7 @@ async def post_instances(request: Request) -> Response:
             raise BadRequest("The body is empty: POST /instances expects a DICOM file")
         outcome = await to_thread.run_sync(lambda: store.ingest_bytes(body, remote_ip=client))
     else:
-        path, size, md5 = await receive_to_file(request, limit, store.area.staging)
+        path, size, md5 = await receive_to_file(request, limit, store.area.work)
         try:
             if not size:
                 raise BadRequest("The body is empty: POST /instances expects a DICOM file")

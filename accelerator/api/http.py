@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from accelerator.store.area import removed_on_failure
+from accelerator.store.area import UPLOAD_PREFIX
+from accelerator.store.storage import removed_on_failure
 from protocol.errors import (
     BadRequest,
     BodyTooLarge,
@@ -69,7 +70,7 @@ async def receive_to_file(request: Request, limit: int, folder: Path) -> tuple[P
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"The body has {declared} bytes, the limit is {limit} bytes")
-    path = folder / f"upload-{uuid.uuid4()}"
+    path = folder / f"{UPLOAD_PREFIX}{uuid.uuid4()}"
     digest = hashlib.md5()
     size = 0
     pending: list[bytes] = []

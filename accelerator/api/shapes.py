@@ -7,7 +7,6 @@ lists) answer the same shapes. Blocking: call from a worker thread.
 from __future__ import annotations
 
 import calendar
-import io
 import time
 from typing import Any
 
@@ -92,9 +91,7 @@ def _from_file(store: Store, resource: Resource, name: str) -> str | None:
     if not instances:
         return None
     attachment = store.attachment(instances[0])
-    if attachment.compressed:
-        return read_tag(io.BytesIO(store.area.read(attachment.uuid, True)), name)
-    return read_tag(store.area.path_of(attachment.uuid), name)
+    return read_tag(store.area.open_dicom(attachment.uuid, attachment.compressed), name)
 
 
 def _is_stable(last_update: str) -> bool:

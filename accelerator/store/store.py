@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from accelerator.store.area import StorageArea, StoredFile
+from accelerator.store.area import STAGING, StorageArea, StoredFile
 from accelerator.store.dicom import ParsedInstance, parse_bytes, parse_file
 from accelerator.store.index import Attachment, Index, Outcome, Resource, timestamp
+from accelerator.store.storage import FileSystemStorage, Storage
 from protocol.errors import AcceleratorError
 from protocol.resources import Level
 
@@ -50,14 +51,19 @@ class Store:
         compress: bool = False,
         overwrite: bool = False,
         upgrade: bool = False,
+        storage: Storage | None = None,
     ):
+        """`storage` holds the attachments (default: Orthanc's layout under `storage_directory`,
+        which is also the local folder for transfers and uploads whatever the storage)."""
         self.overwrite = overwrite
         self.index = Index(Path(index_directory or storage_directory), upgrade=upgrade)
-        self.area = StorageArea(Path(storage_directory), compress)
+        storage = storage or FileSystemStorage(Path(storage_directory))
+        self.area = StorageArea(storage, compress, Path(storage_directory) / STAGING)
         self.recover()
 
     def close(self) -> None:
         self.index.close()
+        self.area.storage.close()
 
     def recover(self) -> None:
         """Finish what a crash interrupted: staged files and deletions."""

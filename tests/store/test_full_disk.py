@@ -86,7 +86,7 @@ async def _upload(client, data: bytes, streamed: bool):
 
 def _state(store) -> tuple:
     """Every path of the storage area (but the filler) and what the index holds."""
-    root = store.area.root
+    root = store.area.storage.root
     paths = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name != FILLER)
     return paths, store.statistics(), store.index.list_ids(Level.INSTANCE), store.index.trash()
 

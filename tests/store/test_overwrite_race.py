@@ -42,8 +42,8 @@ async def test_parallel_overwrites_of_one_instance(make_config, compression):
                 assert {a.json()["Status"] for a in answers} == {"Success"}
                 instance = answers[0].json()["ID"]
                 attachment = store.attachment(instance)
-                assert _instance_files(store.area.root) == {attachment.uuid}, f"round {round_}"
-                assert not list(store.area.staging.iterdir()), f"round {round_}"
+                assert _instance_files(store.area.storage.root) == {attachment.uuid}, f"round {round_}"
+                assert not list(store.area.storage.staging.iterdir()), f"round {round_}"
                 assert store.index.trash() == []
                 stored = (await client.get(f"/instances/{instance}/file")).content
                 assert hashlib.md5(stored).hexdigest() == attachment.md5

@@ -37,8 +37,8 @@ def _check_consistent(store: Store) -> None:
         att = store.attachment(level_id)
         rows[att.uuid] = att
         assert hashlib.md5(store.area.read(att.uuid, att.compressed)).hexdigest() == att.md5
-    assert _files_on_disk(store.area.root) == set(rows)
-    assert not list(store.area.staging.iterdir())
+    assert _files_on_disk(store.area.storage.root) == set(rows)
+    assert not list(store.area.storage.staging.iterdir())
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -57,7 +57,7 @@ def test_ingest_and_read_back(tmp_path, compress):
     assert stats["uncompressed_size"] == sum(map(len, data))
     if compress:
         assert stats["disk_size"] < stats["uncompressed_size"]
-        raw = (store.area.path_of(att.uuid)).read_bytes()
+        raw = (store.area.storage.path_of(att.uuid)).read_bytes()
         assert raw[:8] == len(d).to_bytes(8, "little")  # Orthanc's zlib layout
     else:
         assert stats["disk_size"] == stats["uncompressed_size"]
@@ -68,7 +68,7 @@ def test_ingest_and_read_back(tmp_path, compress):
 def test_storage_layout_is_orthancs(store):
     outcome = store.ingest_bytes(_series(1)[0])
     uuid = store.attachment(outcome.parsed.ids.instance).uuid
-    path = store.area.root / uuid[:2] / uuid[2:4] / uuid
+    path = store.area.storage.root / uuid[:2] / uuid[2:4] / uuid
     assert path.is_file()
 
 
@@ -150,7 +150,7 @@ def test_delete_cascades_and_removes_empty_parents(store):
     assert stats == {"patients": 0, "studies": 0, "series": 0, "instances": 0,
                      "disk_size": 0, "uncompressed_size": 0}
     _check_consistent(store)
-    assert not [p for p in store.area.root.iterdir() if p.is_dir() and p.name != STAGING]
+    assert not [p for p in store.area.storage.root.iterdir() if p.is_dir() and p.name != STAGING]
 
 
 def test_delete_unknown_is_404_and_changes_nothing(store):
@@ -173,15 +173,15 @@ def test_ingest_files_is_all_or_nothing(store, tmp_path):
     data = _series(3)
     paths = []
     for i, d in enumerate(data):
-        p = store.area.root / f"incoming-{i}"
+        p = store.area.storage.root / f"incoming-{i}"
         p.write_bytes(d)
         paths.append(FileToIngest(p, len(d), hashlib.md5(d).hexdigest()))
-    bad = store.area.root / "incoming-bad"
+    bad = store.area.storage.root / "incoming-bad"
     bad.write_bytes(b"not dicom at all")
     with pytest.raises(BadFileFormat):
         store.ingest_files(paths + [FileToIngest(bad, 16, "0" * 32)])
     assert store.statistics()["instances"] == 0
-    assert not list(store.area.staging.iterdir())
+    assert not list(store.area.storage.staging.iterdir())
     assert [p.path.read_bytes() for p in paths] == data  # a failed batch gives the files back
 
     def failing_store_instances(*args, **kwargs):
@@ -193,7 +193,7 @@ def test_ingest_files_is_all_or_nothing(store, tmp_path):
         store.ingest_files(paths)
     store.index.store_instances = original
     assert [p.path.read_bytes() for p in paths] == data
-    assert not list(store.area.staging.iterdir())
+    assert not list(store.area.storage.staging.iterdir())
     outcomes = store.ingest_files(paths)
     assert [o.status for o in outcomes] == ["Success"] * 3
     assert all(not p.path.exists() for p in paths)  # moved, not copied
@@ -216,13 +216,13 @@ def test_recovery_of_interrupted_ingests(tmp_path):
     store.index.delete(Level.INSTANCE, doomed.parsed.ids.instance)
     store.close()
 
-    assert (store.area.staging / orphan.uuid).exists()
-    assert store.area.path_of(doomed_uuid).exists()
+    assert (store.area.storage.staging / orphan.uuid).exists()
+    assert store.area.storage.path_of(doomed_uuid).exists()
     reopened = Store(tmp_path)
-    assert not (reopened.area.staging / orphan.uuid).exists()
+    assert not (reopened.area.storage.staging / orphan.uuid).exists()
     assert reopened.read_file(parsed.ids.instance) == data
-    assert reopened.area.path_of(staged.uuid).exists()
-    assert not reopened.area.path_of(doomed_uuid).exists()
+    assert reopened.area.storage.path_of(staged.uuid).exists()
+    assert not reopened.area.storage.path_of(doomed_uuid).exists()
     assert reopened.index.trash() == []
     assert reopened.statistics()["instances"] == 2
     assert reopened.read_file(kept.parsed.ids.instance)
@@ -252,7 +252,7 @@ def test_a_failure_after_the_commit_does_not_undo_the_ingest(tmp_path):
 
 def test_missing_file_is_reported_as_corrupted(store):
     outcome = store.ingest_bytes(_series(1)[0])
-    os.unlink(store.area.path_of(store.attachment(outcome.parsed.ids.instance).uuid))
+    os.unlink(store.area.storage.path_of(store.attachment(outcome.parsed.ids.instance).uuid))
     with pytest.raises(CorruptedFile):
         store.read_file(outcome.parsed.ids.instance)
 
