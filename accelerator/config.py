@@ -21,12 +21,22 @@ fatal, because a real Orthanc configuration carries many options we have no use 
 `IGNORED_ORTHANC_OPTIONS` are dropped silently, the others are returned in `Config.unknown_keys`
 for the caller to warn about.
 
+Object storage: the sections `AwsS3Storage` and `AzureBlobStorage` of Orthanc's object-storage
+plugins (Orthanc book, "Cloud Object Storage plugins"), with the plugins' option names and
+defaults, `HybridMode` inside the section as in the plugins. At most one of them may be present
+(Orthanc loads one object-storage plugin); the result is `Config.object_storage`, an
+`ObjectStorageConfig` (None without a section) from which the store builds its own settings. The
+documented options we have no use for are validated and then left aside; a value we cannot honour
+because it changes what is stored (client-side `StorageEncryption`) is refused. Secrets
+(`SecretKey`, `ConnectionString`) never appear in `repr()` nor in error messages.
+
 Our extensions to Orthanc's options: `HttpBindAddress` (address the HTTP server binds; "" means
 all interfaces) and `MaximumRequestBodySize` (MiB; larger request bodies get HTTP 413).
 `Transfers.MaxHttpRetries` defaults to 3 (the plugin's default is 0): over real links a single
 dropped connection should not fail a whole transfer.
 
-The defaults live only in the `_OPTIONS` and `_TRANSFERS_OPTIONS` tables below.
+The defaults live only in the `_OPTIONS`, `_TRANSFERS_OPTIONS`, `_AWS_S3_OPTIONS` and
+`_AZURE_BLOB_OPTIONS` tables below.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -43,11 +53,15 @@ from protocol.limits import TransferLimits
 
 __all__ = [
     "Config",
+    "ObjectStorageConfig",
     "Peer",
     "TransfersConfig",
     "IGNORED_ORTHANC_OPTIONS",
     "DEFAULTS",
     "TRANSFERS_DEFAULTS",
+    "AWS_S3_DEFAULTS",
+    "AZURE_BLOB_DEFAULTS",
+    "HYBRID_MODES",
     "load_config",
     "config_from_dict",
     "parse_config_text",
@@ -136,6 +150,39 @@ class Peer:
 
 
 @dataclass(frozen=True)
+class ObjectStorageConfig:
+    """The `AwsS3Storage` or `AzureBlobStorage` section (Orthanc's object-storage plugins), validated.
+
+    The field names are those of `accelerator.store.objects.ObjectStorageSettings`, plus
+    `hybrid_mode`: the store builds its settings from this object
+    (`ObjectStorageSettings(**config.settings_kwargs())`), so this module needs no store import.
+    Fields a backend does not use keep the defaults of the `AwsS3Storage` table ("" for the names
+    and keys of the other backend). Secrets are left out of `repr()`.
+    """
+
+    kind: str  # "s3" | "azure"
+    bucket_name: str  # S3 only
+    region: str  # S3 only
+    access_key: str  # S3 only; "" = the default credentials chain
+    secret_key: str = field(repr=False)  # S3 only
+    endpoint: str  # S3 only; "" = AWS
+    virtual_addressing: bool  # S3 only; false = path-style requests (MinIO, SeaweedFS, ...)
+    root_path: str  # prefix of every object name; never starts with "/"
+    storage_structure: str  # "flat" (<RootPath>/<uuid>.dcm) | "legacy" (<RootPath>/ab/cd/<uuid>)
+    connection_timeout: int  # seconds
+    request_timeout: int  # seconds, whole request
+    max_connections: int
+    max_retries: int
+    connection_string: str = field(repr=False)  # Azure only
+    container_name: str  # Azure only
+    hybrid_mode: str  # "Disabled" | "WriteToFileSystem" | "WriteToObjectStorage"
+
+    def settings_kwargs(self) -> dict[str, Any]:
+        """Every field but `hybrid_mode`: the keyword arguments of the store's settings."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hybrid_mode"}
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration; build it with `load_config` or `config_from_dict`."""
 
@@ -164,6 +211,7 @@ class Config:
     http_describe_errors: bool
     orthanc_peers: dict[str, Peer]
     transfers: TransfersConfig
+    object_storage: ObjectStorageConfig | None = None  # None: the filesystem only
     unknown_keys: tuple[str, ...] = ()
     source: str = "<defaults>"
 
@@ -175,6 +223,11 @@ class Config:
     @property
     def maximum_request_body_bytes(self) -> int:
         return self.maximum_request_body_size * 1024 * 1024
+
+    @property
+    def hybrid_mode(self) -> str | None:
+        """The object storage's `HybridMode`; None when there is no object storage at all."""
+        return self.object_storage.hybrid_mode if self.object_storage is not None else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,6 +299,66 @@ def _object(value: Any, path: str) -> dict[str, Any]:
     return value
 
 
+def _choice(*choices: str) -> Callable[[Any, str], str]:
+    """One of the given strings, compared exactly (Orthanc's plugins compare case-sensitively)."""
+    quoted = [json.dumps(c) for c in choices]
+    expected = ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]
+
+    def check(value: Any, path: str) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise _fail(path, expected, value)
+        return value
+
+    return check
+
+
+def _secret(check: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    """`check`, but an error does not quote the value: a misplaced secret stays out of logs."""
+
+    def hidden(value: Any, path: str) -> Any:
+        try:
+            return check(value, path)
+        except ConfigError as error:
+            # "<path>: expected <what>, got <value>": neither path nor <what> contains ", got ".
+            shown = str(error).split(", got ", 1)[0]
+            raise ConfigError(f"{shown} (the value is a secret: not shown)") from None
+
+    return hidden
+
+
+def _trimmed_nonempty_string(value: Any, path: str) -> str:
+    # The Azure plugin trims ConnectionString and ContainerName (an end of line broke the URI).
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(path, "a non-empty string", value)
+    return value.strip()
+
+
+def _root_path(value: Any, path: str) -> str:
+    # The plugins refuse to start with a RootPath starting with "/".
+    if not isinstance(value, str) or value.startswith("/"):
+        raise _fail(path, 'a string that does not start with "/"', value)
+    return value
+
+
+def _storage_encryption(value: Any, path: str) -> dict[str, Any]:
+    """The plugins' client-side encryption: accepted only when it is off.
+
+    The plugins encrypt when the section has a `MasterKey` and `Enable` is not false; objects are
+    then encrypted and named `<uuid>.dcm.enc`, which we neither read nor write.
+    """
+    section = _object(value, path)
+    enable = section.get("Enable", True)
+    if not isinstance(enable, bool):
+        raise _fail(f"{path}.Enable", "true or false", enable)
+    if enable and "MasterKey" in section:
+        raise ConfigError(
+            f"{path}: client-side encryption is not supported (the plugin would store encrypted "
+            f'objects named <uuid>.dcm.enc, which accelerator cannot read or write); set "Enable": '
+            "false or remove the MasterKey"
+        )
+    return section
+
+
 # --------------------------------------------------------------------------------------------
 # Option tables: the single source of names, defaults and checks
 # --------------------------------------------------------------------------------------------
@@ -254,8 +367,8 @@ def _object(value: Any, path: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class _Option:
     key: str  # Orthanc name
-    attr: str  # Config / TransfersConfig field
-    default: Any  # None = derived from other options (see _build)
+    attr: str | None  # Config / TransfersConfig / ObjectStorageConfig field; None = not used
+    default: Any  # None = derived from other options (see _build), or required in a section
     check: Callable[[Any, str], Any]
 
 
@@ -315,9 +428,73 @@ _TRANSFERS_OPTIONS: tuple[_Option, ...] = (
     _Option("MaxTransferSize", "max_transfer_size", 1048576, _integer(1)),  # MiB (1 TiB)
 )
 
+HYBRID_MODES: tuple[str, ...] = ("Disabled", "WriteToFileSystem", "WriteToObjectStorage")
+
+# Options both object-storage sections share (Orthanc book, "Cloud Object Storage plugins"; the
+# defaults are the plugins' own).
+_COMMON_OBJECT_STORAGE_OPTIONS: tuple[_Option, ...] = (
+    _Option("RootPath", "root_path", "", _root_path),
+    _Option("StorageStructure", "storage_structure", "flat", _choice("flat", "legacy")),
+    _Option("HybridMode", "hybrid_mode", "Disabled", _choice(*HYBRID_MODES)),
+    # Superseded by HybridMode; as in the plugins, true with HybridMode "Disabled" means
+    # "WriteToObjectStorage" (see _parse_object_storage).
+    _Option("MigrationFromFileSystemEnabled", None, False, _boolean),
+    # Lets the plugins read "<uuid>.unk" header attachments of 2021 versions; we only store DICOM
+    # attachments (<uuid>.dcm), so it changes nothing for us.
+    _Option("EnableLegacyUnknownFiles", None, False, _boolean),
+    _Option("StorageEncryption", None, {}, _storage_encryption),  # refused when enabled
+)
+
+_AWS_S3_OPTIONS: tuple[_Option, ...] = (
+    # default None: required when the section is present (the plugin does not start without).
+    _Option("BucketName", "bucket_name", None, _nonempty_string),
+    _Option("Region", "region", None, _nonempty_string),
+    _Option("AccessKey", "access_key", "", _string),  # "" = the default credentials chain
+    _Option("SecretKey", "secret_key", "", _secret(_string)),
+    _Option("Endpoint", "endpoint", "", _string),  # S3-compatible servers
+    _Option("VirtualAddressing", "virtual_addressing", True, _boolean),
+    _Option("ConnectionTimeout", "connection_timeout", 30, _integer(1)),  # seconds
+    _Option("RequestTimeout", "request_timeout", 1200, _integer(1)),  # seconds
+    # The plugin's source (mainline, not yet in the book's sample): 25 connections, 10 retries.
+    _Option("MaxConnections", "max_connections", 25, _integer(1)),
+    _Option("MaxRetries", "max_retries", 10, _integer(0)),
+    *_COMMON_OBJECT_STORAGE_OPTIONS,
+    _Option("UseTransferManager", None, False, _boolean),  # AWS SDK client mode: not ours
+    _Option("EnableAwsSdkLogs", None, False, _boolean),
+)
+#: Read by the AWS plugin, not in the book: accepted without a check or a warning. ConnectTimeout
+#: is the older name of ConnectionTimeout (which wins when both are given, as in the plugin).
+_AWS_S3_IGNORED = frozenset({"ConnectTimeout", "TransferPoolSize", "TransferBufferSize"})
+
+_AZURE_BLOB_OPTIONS: tuple[_Option, ...] = (
+    _Option("ConnectionString", "connection_string", None, _secret(_trimmed_nonempty_string)),
+    _Option("ContainerName", "container_name", None, _trimmed_nonempty_string),
+    # We never create the container: a missing one is an error at start.
+    _Option("CreateContainerIfNotExists", None, True, _boolean),
+    *_COMMON_OBJECT_STORAGE_OPTIONS,
+)
+
+#: section -> (kind, options, keys accepted silently)
+_OBJECT_STORAGE_SECTIONS: Mapping[str, tuple[str, tuple[_Option, ...], frozenset[str]]] = {
+    "AwsS3Storage": ("s3", _AWS_S3_OPTIONS, _AWS_S3_IGNORED),
+    "AzureBlobStorage": ("azure", _AZURE_BLOB_OPTIONS, frozenset()),
+}
+#: Sections of Orthanc storage plugins we cannot honour: refused rather than silently storing the
+#: files somewhere else than the site's Orthanc does.
+_UNSUPPORTED_STORAGE_SECTIONS: Mapping[str, str] = {
+    "GoogleCloudStorage": "Google Cloud Storage is not supported (only AwsS3Storage and "
+    "AzureBlobStorage)",
+    "BlobStorage": "the old Azure plugin format is not supported: write an AzureBlobStorage "
+    'section with "ConnectionString": "DefaultEndpointsProtocol=https;AccountName=...;'
+    'AccountKey=..." and "ContainerName"',
+}
+
 #: Orthanc name -> default; None means derived (IndexDirectory, AuthenticationEnabled).
 DEFAULTS: Mapping[str, Any] = {o.key: o.default for o in _OPTIONS}
 TRANSFERS_DEFAULTS: Mapping[str, int | bool] = {o.key: o.default for o in _TRANSFERS_OPTIONS}
+#: Option -> default inside each object-storage section; None means required.
+AWS_S3_DEFAULTS: Mapping[str, Any] = {o.key: o.default for o in _AWS_S3_OPTIONS}
+AZURE_BLOB_DEFAULTS: Mapping[str, Any] = {o.key: o.default for o in _AZURE_BLOB_OPTIONS}
 
 #: Orthanc (core and common plugins) options that do not apply to us: accepted without warning so
 #: that the configuration of a real Orthanc can be reused as is.
@@ -353,7 +530,12 @@ IGNORED_ORTHANC_OPTIONS: tuple[str, ...] = (
     "WebDavUploadAllowed", "Worklists", "ZipLoaderThreads",
 )
 
-_KNOWN_KEYS = frozenset(o.key for o in _OPTIONS) | {"OrthancPeers", "Transfers"}
+_KNOWN_KEYS = (
+    frozenset(o.key for o in _OPTIONS)
+    | {"OrthancPeers", "Transfers"}
+    | set(_OBJECT_STORAGE_SECTIONS)
+    | set(_UNSUPPORTED_STORAGE_SECTIONS)
+)
 _IGNORED_KEYS = frozenset(IGNORED_ORTHANC_OPTIONS) - _KNOWN_KEYS
 
 
@@ -442,6 +624,60 @@ def _parse_peers(value: Any, path: str) -> dict[str, Peer]:
 
 
 # --------------------------------------------------------------------------------------------
+# Object storage: AwsS3Storage / AzureBlobStorage
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_object_storage(
+    mapping: Mapping[str, Any], where: Callable[[str], str]
+) -> tuple[ObjectStorageConfig | None, list[str]]:
+    """The one object-storage section, validated, and the unknown keys found inside it."""
+    for name, reason in _UNSUPPORTED_STORAGE_SECTIONS.items():
+        if name in mapping:
+            raise ConfigError(f"{name}: {reason}{where(name)}")
+    present = [name for name in _OBJECT_STORAGE_SECTIONS if name in mapping]
+    if not present:
+        return None, []
+    if len(present) > 1:
+        raise ConfigError(
+            f"{' and '.join(n + where(n) for n in present)}: only one object-storage section may "
+            "be present (Orthanc loads a single object-storage plugin)"
+        )
+    name = present[0]
+    kind, options, ignored = _OBJECT_STORAGE_SECTIONS[name]
+    try:
+        section = _object(mapping[name], name)
+        checked: dict[str, Any] = {}
+        for option in options:
+            path = f"{name}.{option.key}"
+            if option.key in section:
+                checked[option.key] = option.check(section[option.key], path)
+            elif option.default is None:
+                raise ConfigError(f"{path}: missing (required when the {name} section is present)")
+            else:
+                checked[option.key] = option.default
+        if kind == "s3" and "ConnectTimeout" in section and "ConnectionTimeout" not in section:
+            checked["ConnectionTimeout"] = _integer(1)(
+                section["ConnectTimeout"], f"{name}.ConnectTimeout"
+            )
+    except ConfigError as error:
+        raise ConfigError(f"{error}{where(name)}") from None
+
+    # Fields the backend does not use: the AwsS3Storage defaults, "" for the other backend's names.
+    values: dict[str, Any] = {
+        o.attr: o.default for o in _AWS_S3_OPTIONS if o.attr and o.default is not None
+    }
+    values.update(bucket_name="", region="", connection_string="", container_name="")
+    values.update({o.attr: checked[o.key] for o in options if o.attr})
+    if checked["MigrationFromFileSystemEnabled"] and values["hybrid_mode"] == "Disabled":
+        values["hybrid_mode"] = "WriteToObjectStorage"  # the plugins' reading of the old option
+
+    known = {o.key for o in options} | ignored
+    unknown = [f"{name}.{key}" for key in section if key not in known]
+    return ObjectStorageConfig(kind=kind, **values), unknown
+
+
+# --------------------------------------------------------------------------------------------
 # Building a Config from a parsed mapping
 # --------------------------------------------------------------------------------------------
 
@@ -513,6 +749,9 @@ def _build(
     known_transfers = {o.key for o in _TRANSFERS_OPTIONS}
     unknown += [f"Transfers.{k}" for k in transfers if k not in known_transfers]
     values["transfers"] = TransfersConfig(**transfer_values)
+
+    values["object_storage"], unknown_in_storage = _parse_object_storage(mapping, where)
+    unknown += unknown_in_storage
 
     return Config(**values, unknown_keys=tuple(unknown), source=source)
 

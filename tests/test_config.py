@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 
 from accelerator.config import (
+    AWS_S3_DEFAULTS,
+    AZURE_BLOB_DEFAULTS,
     DEFAULTS,
+    HYBRID_MODES,
     IGNORED_ORTHANC_OPTIONS,
     TRANSFERS_DEFAULTS,
     Config,
+    ObjectStorageConfig,
     Peer,
     config_from_dict,
     load_config,
@@ -579,6 +583,361 @@ def test_empty_peer_name_is_rejected():
 
 
 # ------------------------------------------------------------------------------------------
+# Object storage: AwsS3Storage / AzureBlobStorage
+# ------------------------------------------------------------------------------------------
+
+S3_MINIMAL = {"BucketName": "bucket", "Region": "eu-central-1"}
+AZURE_MINIMAL = {"ConnectionString": "AccountName=a;AccountKey=k", "ContainerName": "container"}
+
+
+def s3(**options) -> ObjectStorageConfig:
+    return config_from_dict({"AwsS3Storage": {**S3_MINIMAL, **options}}).object_storage
+
+
+def azure(**options) -> ObjectStorageConfig:
+    return config_from_dict({"AzureBlobStorage": {**AZURE_MINIMAL, **options}}).object_storage
+
+
+def test_no_object_storage_by_default():
+    config = Config.defaults()
+    assert config.object_storage is None
+    assert config.hybrid_mode is None
+
+
+def test_object_storage_config_fields():
+    # The field names of the store's ObjectStorageSettings, plus hybrid_mode.
+    assert [f.name for f in dataclasses.fields(ObjectStorageConfig)] == [
+        "kind", "bucket_name", "region", "access_key", "secret_key", "endpoint",
+        "virtual_addressing", "root_path", "storage_structure", "connection_timeout",
+        "request_timeout", "max_connections", "max_retries", "connection_string",
+        "container_name", "hybrid_mode",
+    ]
+    settings = s3().settings_kwargs()
+    assert "hybrid_mode" not in settings
+    assert len(settings) == len(dataclasses.fields(ObjectStorageConfig)) - 1
+
+
+def test_aws_s3_defaults():
+    config = config_from_dict({"AwsS3Storage": dict(S3_MINIMAL)})
+    assert config.unknown_keys == ()
+    assert config.hybrid_mode == "Disabled"
+    assert config.object_storage == ObjectStorageConfig(
+        kind="s3", bucket_name="bucket", region="eu-central-1", access_key="", secret_key="",
+        endpoint="", virtual_addressing=True, root_path="", storage_structure="flat",
+        connection_timeout=30, request_timeout=1200, max_connections=25, max_retries=10,
+        connection_string="", container_name="", hybrid_mode="Disabled",
+    )
+    assert {k: v for k, v in AWS_S3_DEFAULTS.items() if v is None} == {
+        "BucketName": None, "Region": None,
+    }
+
+
+def test_aws_s3_every_option():
+    storage = s3(
+        AccessKey="AKIA", SecretKey="s3cret", Endpoint="http://127.0.0.1:8333",
+        VirtualAddressing=False, RootPath="orthanc/a", StorageStructure="legacy",
+        ConnectionTimeout=5, RequestTimeout=60, MaxConnections=4, MaxRetries=0,
+        HybridMode="WriteToFileSystem", MigrationFromFileSystemEnabled=False,
+        EnableLegacyUnknownFiles=True, StorageEncryption={}, UseTransferManager=True,
+        EnableAwsSdkLogs=True,
+    )
+    assert storage == ObjectStorageConfig(
+        kind="s3", bucket_name="bucket", region="eu-central-1", access_key="AKIA",
+        secret_key="s3cret", endpoint="http://127.0.0.1:8333", virtual_addressing=False,
+        root_path="orthanc/a", storage_structure="legacy", connection_timeout=5,
+        request_timeout=60, max_connections=4, max_retries=0, connection_string="",
+        container_name="", hybrid_mode="WriteToFileSystem",
+    )
+
+
+def test_aws_s3_connect_timeout_is_the_older_name_of_connection_timeout():
+    assert s3(ConnectTimeout=7).connection_timeout == 7
+    assert s3(ConnectTimeout=7, ConnectionTimeout=9).connection_timeout == 9  # as the plugin
+    with pytest.raises(ConfigError, match=r"^AwsS3Storage\.ConnectTimeout: expected an integer"):
+        s3(ConnectTimeout="7")
+
+
+def test_azure_defaults_and_trimmed_names():
+    config = config_from_dict(
+        {"AzureBlobStorage": {"ConnectionString": " AccountName=a;AccountKey=k\n",
+                              "ContainerName": "container "}}
+    )
+    assert config.unknown_keys == ()
+    assert config.object_storage == ObjectStorageConfig(
+        kind="azure", bucket_name="", region="", access_key="", secret_key="", endpoint="",
+        virtual_addressing=True, root_path="", storage_structure="flat", connection_timeout=30,
+        request_timeout=1200, max_connections=25, max_retries=10,
+        connection_string="AccountName=a;AccountKey=k", container_name="container",
+        hybrid_mode="Disabled",
+    )
+    assert {k: v for k, v in AZURE_BLOB_DEFAULTS.items() if v is None} == {
+        "ConnectionString": None, "ContainerName": None,
+    }
+
+
+def test_azure_every_option():
+    storage = azure(
+        RootPath="p", StorageStructure="legacy", HybridMode="WriteToObjectStorage",
+        CreateContainerIfNotExists=False, MigrationFromFileSystemEnabled=False,
+        EnableLegacyUnknownFiles=True, StorageEncryption={"Enable": False},
+    )
+    assert (storage.root_path, storage.storage_structure) == ("p", "legacy")
+    assert storage.hybrid_mode == "WriteToObjectStorage"
+
+
+@pytest.mark.parametrize("mode", HYBRID_MODES)
+@pytest.mark.parametrize("section", ["AwsS3Storage", "AzureBlobStorage"])
+def test_hybrid_mode_values(section, mode):
+    minimal = S3_MINIMAL if section == "AwsS3Storage" else AZURE_MINIMAL
+    config = config_from_dict({section: {**minimal, "HybridMode": mode}})
+    assert config.object_storage.hybrid_mode == mode
+    assert config.hybrid_mode == mode
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"MigrationFromFileSystemEnabled": True}, "WriteToObjectStorage"),
+        ({"MigrationFromFileSystemEnabled": True, "HybridMode": "Disabled"},
+         "WriteToObjectStorage"),
+        ({"MigrationFromFileSystemEnabled": True, "HybridMode": "WriteToFileSystem"},
+         "WriteToFileSystem"),
+        ({"MigrationFromFileSystemEnabled": False}, "Disabled"),
+    ],
+)
+def test_migration_from_file_system_is_read_as_the_plugins_do(options, expected):
+    assert s3(**options).hybrid_mode == expected
+    assert azure(**options).hybrid_mode == expected
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"BucketName": ""}, 'AwsS3Storage.BucketName: expected a non-empty string, got ""'),
+        ({"BucketName": 1}, "AwsS3Storage.BucketName: expected a non-empty string, got 1"),
+        ({"Region": None}, "AwsS3Storage.Region: expected a non-empty string, got null"),
+        ({"AccessKey": 1}, "AwsS3Storage.AccessKey: expected a string, got 1"),
+        ({"Endpoint": False}, "AwsS3Storage.Endpoint: expected a string, got false"),
+        ({"VirtualAddressing": "false"},
+         'AwsS3Storage.VirtualAddressing: expected true or false, got "false"'),
+        ({"RootPath": "/orthanc"},
+         'AwsS3Storage.RootPath: expected a string that does not start with "/", got "/orthanc"'),
+        ({"RootPath": 3}, 'AwsS3Storage.RootPath: expected a string that does not start with '
+         '"/", got 3'),
+        ({"StorageStructure": "tree"},
+         'AwsS3Storage.StorageStructure: expected "flat" or "legacy", got "tree"'),
+        ({"StorageStructure": "Flat"},
+         'AwsS3Storage.StorageStructure: expected "flat" or "legacy", got "Flat"'),
+        ({"ConnectionTimeout": 0}, "AwsS3Storage.ConnectionTimeout: expected an integer >= 1, "
+         "got 0"),
+        ({"RequestTimeout": "1200"}, 'AwsS3Storage.RequestTimeout: expected an integer >= 1, '
+         'got "1200"'),
+        ({"MaxConnections": 0}, "AwsS3Storage.MaxConnections: expected an integer >= 1, got 0"),
+        ({"MaxRetries": -1}, "AwsS3Storage.MaxRetries: expected an integer >= 0, got -1"),
+        ({"MaxRetries": 1.5}, "AwsS3Storage.MaxRetries: expected an integer >= 0, got 1.5"),
+        ({"HybridMode": "disabled"}, 'AwsS3Storage.HybridMode: expected "Disabled", '
+         '"WriteToFileSystem" or "WriteToObjectStorage", got "disabled"'),
+        ({"HybridMode": True}, 'AwsS3Storage.HybridMode: expected "Disabled", '
+         '"WriteToFileSystem" or "WriteToObjectStorage", got true'),
+        ({"MigrationFromFileSystemEnabled": 1},
+         "AwsS3Storage.MigrationFromFileSystemEnabled: expected true or false, got 1"),
+        ({"EnableLegacyUnknownFiles": "yes"},
+         'AwsS3Storage.EnableLegacyUnknownFiles: expected true or false, got "yes"'),
+        ({"UseTransferManager": None},
+         "AwsS3Storage.UseTransferManager: expected true or false, got null"),
+        ({"EnableAwsSdkLogs": 0}, "AwsS3Storage.EnableAwsSdkLogs: expected true or false, got 0"),
+        ({"StorageEncryption": []}, "AwsS3Storage.StorageEncryption: expected an object, got []"),
+        ({"StorageEncryption": {"Enable": "no"}},
+         'AwsS3Storage.StorageEncryption.Enable: expected true or false, got "no"'),
+    ],
+)
+def test_aws_s3_validation_errors_name_the_key(options, message):
+    with pytest.raises(ConfigError) as info:
+        s3(**options)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"ContainerName": " "}, 'AzureBlobStorage.ContainerName: expected a non-empty string, '
+         'got " "'),
+        ({"ContainerName": 1}, "AzureBlobStorage.ContainerName: expected a non-empty string, "
+         "got 1"),
+        ({"CreateContainerIfNotExists": "true"},
+         'AzureBlobStorage.CreateContainerIfNotExists: expected true or false, got "true"'),
+        ({"RootPath": "/x"},
+         'AzureBlobStorage.RootPath: expected a string that does not start with "/", got "/x"'),
+        ({"StorageStructure": "tree"},
+         'AzureBlobStorage.StorageStructure: expected "flat" or "legacy", got "tree"'),
+        ({"HybridMode": "Hybrid"}, 'AzureBlobStorage.HybridMode: expected "Disabled", '
+         '"WriteToFileSystem" or "WriteToObjectStorage", got "Hybrid"'),
+        ({"StorageEncryption": 1}, "AzureBlobStorage.StorageEncryption: expected an object, "
+         "got 1"),
+    ],
+)
+def test_azure_validation_errors_name_the_key(options, message):
+    with pytest.raises(ConfigError) as info:
+        azure(**options)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "mapping, message",
+    [
+        ({"AwsS3Storage": {"Region": "r"}},
+         "AwsS3Storage.BucketName: missing (required when the AwsS3Storage section is present)"),
+        ({"AwsS3Storage": {}},
+         "AwsS3Storage.BucketName: missing (required when the AwsS3Storage section is present)"),
+        ({"AwsS3Storage": {"BucketName": "b"}},
+         "AwsS3Storage.Region: missing (required when the AwsS3Storage section is present)"),
+        ({"AzureBlobStorage": {"ContainerName": "c"}},
+         "AzureBlobStorage.ConnectionString: missing (required when the AzureBlobStorage "
+         "section is present)"),
+        ({"AzureBlobStorage": {"ConnectionString": "x"}},
+         "AzureBlobStorage.ContainerName: missing (required when the AzureBlobStorage section "
+         "is present)"),
+        ({"AwsS3Storage": "bucket"}, 'AwsS3Storage: expected an object, got "bucket"'),
+        ({"AzureBlobStorage": None}, "AzureBlobStorage: expected an object, got null"),
+    ],
+)
+def test_required_options_and_section_type(mapping, message):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(mapping)
+    assert str(info.value) == message
+
+
+def test_both_object_storage_sections_are_refused():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"AwsS3Storage": S3_MINIMAL, "AzureBlobStorage": AZURE_MINIMAL})
+    assert str(info.value) == (
+        "AwsS3Storage and AzureBlobStorage: only one object-storage section may be present "
+        "(Orthanc loads a single object-storage plugin)"
+    )
+
+
+def test_both_sections_from_two_files_name_the_files(tmp_path):
+    write(tmp_path / "1.json", json.dumps({"AwsS3Storage": S3_MINIMAL}))
+    write(tmp_path / "2.json", json.dumps({"AzureBlobStorage": AZURE_MINIMAL}))
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path, environ={})
+    message = str(info.value)
+    assert "only one object-storage section" in message
+    assert str(tmp_path / "1.json") in message and str(tmp_path / "2.json") in message
+
+
+@pytest.mark.parametrize("section", ["GoogleCloudStorage", "BlobStorage"])
+def test_storage_sections_we_cannot_honour_are_refused(section):
+    with pytest.raises(ConfigError, match=f"^{section}: .*not supported"):
+        config_from_dict({section: {"ContainerName": "c"}})
+
+
+@pytest.mark.parametrize(
+    "encryption",
+    [
+        {"MasterKey": [3, "/keys/master.key"]},
+        {"Enable": True, "MasterKey": [3, "/keys/master.key"], "MaxConcurrentInputSize": 1024},
+    ],
+)
+@pytest.mark.parametrize("section", ["AwsS3Storage", "AzureBlobStorage"])
+def test_client_side_encryption_is_refused(section, encryption):
+    minimal = S3_MINIMAL if section == "AwsS3Storage" else AZURE_MINIMAL
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({section: {**minimal, "StorageEncryption": encryption}})
+    message = str(info.value)
+    assert message.startswith(f"{section}.StorageEncryption: client-side encryption is not "
+                              "supported")
+    assert '"Enable": false' in message
+
+
+@pytest.mark.parametrize(
+    "encryption",
+    [{}, {"Enable": False, "MasterKey": [3, "/keys/master.key"]}, {"Enable": True}],
+)
+def test_disabled_encryption_is_accepted(encryption):
+    # Without a MasterKey, or with "Enable": false, the plugins store plain objects.
+    assert s3(StorageEncryption=encryption).kind == "s3"
+
+
+def test_object_storage_secrets_are_not_in_repr():
+    aws = config_from_dict({"AwsS3Storage": {**S3_MINIMAL, "SecretKey": "s3cret-aws"}})
+    assert "s3cret" not in repr(aws)
+    assert "s3cret" not in repr(aws.object_storage)
+    assert aws.object_storage.secret_key == "s3cret-aws"
+    blob = config_from_dict(
+        {"AzureBlobStorage": {**AZURE_MINIMAL, "ConnectionString": "AccountKey=s3cret-azure"}}
+    )
+    assert "s3cret" not in repr(blob)
+    assert blob.object_storage.connection_string == "AccountKey=s3cret-azure"
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("AwsS3Storage", "SecretKey", ["s3cret"]),
+        ("AwsS3Storage", "SecretKey", 12345),
+        ("AzureBlobStorage", "ConnectionString", {"AccountKey": "s3cret"}),
+        ("AzureBlobStorage", "ConnectionString", ""),
+    ],
+)
+def test_object_storage_secrets_are_not_in_error_messages(section, key, value):
+    minimal = S3_MINIMAL if section == "AwsS3Storage" else AZURE_MINIMAL
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({section: {**minimal, key: value}})
+    message = str(info.value)
+    assert message.startswith(f"{section}.{key}: expected ")
+    assert message.endswith("(the value is a secret: not shown)")
+    assert "s3cret" not in message and "12345" not in message
+
+
+def test_unknown_keys_inside_object_storage_sections():
+    config = config_from_dict(
+        {"AwsS3Storage": {**S3_MINIMAL, "Futuristic": 1, "TransferPoolSize": 4,
+                          "TransferBufferSize": 5, "ConnectTimeout": 30}}
+    )
+    assert config.unknown_keys == ("AwsS3Storage.Futuristic",)
+    config = config_from_dict({"AzureBlobStorage": {**AZURE_MINIMAL, "Region": "x"}})
+    assert config.unknown_keys == ("AzureBlobStorage.Region",)
+
+
+def test_env_substitution_inside_object_storage_sections(tmp_path):
+    text = """{
+      "AwsS3Storage": {
+        "BucketName": "${BUCKET:-orthanc}",
+        "Region": "eu-west-1",
+        "AccessKey": "${S3_ACCESS_KEY}",
+        "SecretKey": "${S3_SECRET_KEY}",
+        "Endpoint": "${S3_ENDPOINT:-}",
+        "VirtualAddressing": ${S3_VIRTUAL:-true},
+        "MaxConnections": ${S3_CONNECTIONS:-25},
+        "HybridMode": "${HYBRID:-Disabled}"
+      }
+    }"""
+    path = write(tmp_path / "c.json", text)
+    env = {"S3_ACCESS_KEY": "AKIA", "S3_SECRET_KEY": 'se"cr\\et', "S3_VIRTUAL": "false",
+           "S3_CONNECTIONS": "8", "HYBRID": "WriteToFileSystem"}
+    storage = load_config(path, environ=env).object_storage
+    assert storage.bucket_name == "orthanc"
+    assert (storage.access_key, storage.secret_key) == ("AKIA", 'se"cr\\et')
+    assert storage.endpoint == ""
+    assert storage.virtual_addressing is False
+    assert storage.max_connections == 8
+    assert storage.hybrid_mode == "WriteToFileSystem"
+
+    del env["S3_SECRET_KEY"]
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ=env)
+    message = str(info.value)
+    assert "AwsS3Storage.SecretKey: environment variable S3_SECRET_KEY is not set" in message
+    assert "line 6" in message
+
+    env = {"S3_ACCESS_KEY": "a", "S3_SECRET_KEY": "s", "S3_CONNECTIONS": "0"}
+    with pytest.raises(ConfigError, match=r"^AwsS3Storage\.MaxConnections: expected an integer "
+                       r">= 1, got 0 \(in "):
+        load_config(path, environ=env)
+
+
+# ------------------------------------------------------------------------------------------
 # The example file
 # ------------------------------------------------------------------------------------------
 
@@ -626,3 +985,49 @@ def test_env_variable_can_change_the_example(monkeypatch, tmp_path):
     assert load_config(folder, environ={"PORT": "9999"}).http_port == 9999
     assert load_config(folder, environ={}).http_port == 8042
     assert os.path.isabs(load_config(folder, environ={}).storage_directory)
+
+
+EXAMPLE_ENV = {
+    "S3_ACCESS_KEY": "AKIAEXAMPLE",
+    "S3_SECRET_KEY": "example-secret",
+    "AZURE_STORAGE_CONNECTION_STRING": "AccountName=a;AccountKey=k",
+}
+
+
+def commented_section(name: str) -> dict:
+    """The commented-out `name` section of the example file, uncommented and parsed."""
+    lines = EXAMPLE.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(f'// "{name}": {{'))
+    block = []
+    for line in lines[start:]:
+        text = line.strip()
+        assert text.startswith("//"), f"{name} must be commented out line by line"
+        block.append(text[2:])
+        if text[2:].strip() in ("}", "},"):
+            break
+    body = "\n".join(block).rstrip().rstrip(",")
+    return parse_config_text("{" + body + "}", environ=EXAMPLE_ENV)
+
+
+@pytest.mark.parametrize(
+    "name, defaults, placeholders",
+    [
+        ("AwsS3Storage", AWS_S3_DEFAULTS, {"AccessKey", "SecretKey"}),
+        ("AzureBlobStorage", AZURE_BLOB_DEFAULTS, {"ConnectionString"}),
+    ],
+)
+def test_example_file_object_storage_sections(name, defaults, placeholders):
+    raw = commented_section(name)
+    section = raw[name]
+    assert set(section) == set(defaults)
+    for key, default in defaults.items():
+        if default is not None and key not in placeholders:
+            assert section[key] == default, key
+    text = EXAMPLE.read_text(encoding="utf-8")
+    for key in placeholders:  # secrets are environment references, never values
+        assert f'"{key}": "${{' in text
+    # Uncommented, the section is a valid configuration with the documented defaults.
+    config = config_from_dict(raw)
+    assert config.unknown_keys == ()
+    assert config.object_storage.hybrid_mode == "Disabled"
+    assert config.object_storage.storage_structure == "flat"
