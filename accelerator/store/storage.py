@@ -17,6 +17,7 @@ storage `FullStorage`; nothing else is expected.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from protocol.errors import CorruptedFile, FullStorage, InternalError, is_disk_full
 
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 FILE_SYSTEM = "file-system"  # Orthanc's names of the two sides in POST /move-storage
 OBJECT_STORAGE = "object-storage"
 
@@ -59,6 +61,9 @@ class Storage(ABC):
     @abstractmethod
     def staged(self) -> list[str]:
         """The attachments staged and neither published nor discarded (for recovery)."""
+
+    def is_staged(self, uuid: str) -> bool:
+        return uuid in self.staged()
 
     @abstractmethod
     def remove(self, uuid: str) -> None:
@@ -137,7 +142,11 @@ class FileSystemStorage(Storage):
         unlink(self.staging / uuid)
 
     def staged(self) -> list[str]:
-        return [p.name for p in self.staging.iterdir() if p.is_file()]
+        """UUID-named files only: the staging folder also receives uploads on their way in."""
+        return [p.name for p in self.staging.iterdir() if _UUID.fullmatch(p.name) and p.is_file()]
+
+    def is_staged(self, uuid: str) -> bool:
+        return (self.staging / uuid).is_file()
 
     def remove(self, uuid: str) -> None:
         path = self.path_of(uuid)

@@ -299,4 +299,4 @@ async def test_large_uploads_are_streamed_through_a_file(client, store, monkeypa
     assert metadata["RemoteIP"] == "127.0.0.1" and metadata["Origin"] == "RestApi"
     bad = await client.post("/instances", content=b"not DICOM" * 500)
     assert bad.status_code == 400
-    assert not [p for p in store.area.storage.staging.iterdir()]  # no upload file left behind
+    assert not list(store.area.work.iterdir())  # no upload file left behind

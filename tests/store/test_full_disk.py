@@ -118,6 +118,7 @@ async def _fail_then_recover(store, client, full_folder: Path, streamed: bool, r
 @pytest.mark.parametrize("room", ["none", "body"])
 @pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
 @pytest.mark.parametrize("compression", [False, True], ids=["plain", "compressed"])
+@pytest.mark.file_system_only
 async def test_full_storage_area(make_config, mount_tmpfs, streamed, compression, room):
     """The index shares the mount. With room for the body only, the write that fails is a later
     one: the compressed copy of a streamed body, or the index's commit."""
@@ -133,6 +134,7 @@ async def test_full_storage_area(make_config, mount_tmpfs, streamed, compression
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+@pytest.mark.file_system_only
 async def test_full_index(make_config, mount_tmpfs, streamed):
     """The file is staged, then SQLite answers "database or disk is full": nothing is stored."""
     index = mount_tmpfs("index", "1m")

@@ -13,6 +13,7 @@ import pytest
 
 from accelerator.api.app import create_app, open_store
 from accelerator.store.area import STAGING
+from accelerator.store.storage import FileSystemStorage
 from tests.conftest import asgi_client
 from tests.dicom_data import make_instance
 
@@ -42,8 +43,11 @@ async def test_parallel_overwrites_of_one_instance(make_config, compression):
                 assert {a.json()["Status"] for a in answers} == {"Success"}
                 instance = answers[0].json()["ID"]
                 attachment = store.attachment(instance)
-                assert _instance_files(store.area.storage.root) == {attachment.uuid}, f"round {round_}"
-                assert not list(store.area.storage.staging.iterdir()), f"round {round_}"
+                assert set(store.area.storage.list()) == {attachment.uuid}, f"round {round_}"
+                assert not store.area.storage.staged(), f"round {round_}"
+                assert not list(store.area.work.iterdir()), f"round {round_}"
+                if isinstance(store.area.storage, FileSystemStorage):
+                    assert _instance_files(store.area.storage.root) == {attachment.uuid}, f"round {round_}"
                 assert store.index.trash() == []
                 stored = (await client.get(f"/instances/{instance}/file")).content
                 assert hashlib.md5(stored).hexdigest() == attachment.md5

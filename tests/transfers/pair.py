@@ -11,7 +11,7 @@ import hashlib
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -75,10 +75,13 @@ class Node:
 
 class Pair:
     def __init__(self, tmp_path: Path, *, a: dict | None = None, b: dict | None = None,
-                 proxy_url: str | None = None, port_a: int | None = None, port_b: int | None = None):
+                 proxy_url: str | None = None, port_a: int | None = None, port_b: int | None = None,
+                 storage: Callable[[], dict] = dict):
+        """`storage()` gives the options that choose a daemon's storage (the `storage_section`
+        fixtures): called once per daemon, so that a restarted daemon finds its bucket again."""
         self.tmp_path = tmp_path
         self.port_a, self.port_b = port_a or free_port(), port_b or free_port()
-        self.options_a, self.options_b = a or {}, b or {}
+        self.options_a, self.options_b = {**storage(), **(a or {})}, {**storage(), **(b or {})}
         self.proxy_url = proxy_url
         self._stack = ExitStack()
 

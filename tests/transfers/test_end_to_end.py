@@ -33,9 +33,9 @@ def _dataset() -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def pair(tmp_path_factory, daemon_storage):
     options = {"Transfers": {"BucketSize": 16, "MaxHttpRetries": 1}}
-    with Pair(tmp_path_factory.mktemp("pair"), a=options, b=options) as pair:
+    with Pair(tmp_path_factory.mktemp("pair"), a=options, b=options, storage=daemon_storage) as pair:
         pair.uploaded = pair.a.upload(_dataset())
         pair.a_md5s = pair.a.md5s()
         yield pair

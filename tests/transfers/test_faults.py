@@ -53,13 +53,13 @@ def no_fault(method: str, path: str, attempt: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> Iterator[tuple[FaultProxy, Pair]]:
+def shared(tmp_path_factory, daemon_storage) -> Iterator[tuple[FaultProxy, Pair]]:
     """One proxy in front of B (B's port chosen first) and one pair for the module; A's peer
     `b-proxy` goes through the proxy."""
     port_b = free_port()
     with FaultProxy(f"http://127.0.0.1:{port_b}", no_fault) as proxy, \
             Pair(tmp_path_factory.mktemp("faults"), a=OPTIONS, b=OPTIONS, proxy_url=proxy.url,
-                 port_b=port_b) as pair:
+                 port_b=port_b, storage=daemon_storage) as pair:
         yield proxy, pair
 
 

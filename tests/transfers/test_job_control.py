@@ -41,10 +41,11 @@ def stall_buckets(method: str, path: str, attempt: int) -> Fault | None:
 
 
 @contextmanager
-def proxied_pair(tmp_path: Path, a: dict | None = None) -> Iterator[tuple[FaultProxy, Pair]]:
+def proxied_pair(tmp_path: Path, storage: Callable[[], dict], a: dict | None = None) -> Iterator[tuple[FaultProxy, Pair]]:
     port_b = free_port()
     with FaultProxy(f"http://127.0.0.1:{port_b}", stall_buckets) as proxy, \
-            Pair(tmp_path, a={**OPTIONS, **(a or {})}, b=OPTIONS, proxy_url=proxy.url, port_b=port_b) as pair:
+            Pair(tmp_path, a={**OPTIONS, **(a or {})}, b=OPTIONS, proxy_url=proxy.url, port_b=port_b,
+                 storage=storage) as pair:
         yield proxy, pair
 
 
@@ -96,8 +97,8 @@ def stored(node: Node) -> int:
     return node.statistics()["CountInstances"]
 
 
-def test_pause_and_resume_a_running_pull(tmp_path):
-    with proxied_pair(tmp_path) as (proxy, pair):
+def test_pause_and_resume_a_running_pull(tmp_path, storage_section):
+    with proxied_pair(tmp_path, storage_section) as (proxy, pair):
         uploaded = pair.b.upload(dataset("3.1.1"))
         buckets = 2 * len(uploaded)
         job_id = pair.a.start("pull", "b-proxy", study(uploaded), "gzip")["ID"]
@@ -135,8 +136,8 @@ def test_pause_and_resume_a_running_pull(tmp_path):
         assert not pull_area(pair, job_id).exists()
 
 
-def test_cancel_a_running_pull_then_resubmit_it(tmp_path):
-    with proxied_pair(tmp_path) as (proxy, pair):
+def test_cancel_a_running_pull_then_resubmit_it(tmp_path, storage_section):
+    with proxied_pair(tmp_path, storage_section) as (proxy, pair):
         uploaded = pair.b.upload(dataset("3.2.1"))
         buckets = 2 * len(uploaded)
         job_id = pair.a.start("pull", "b-proxy", study(uploaded), "none")["ID"]
@@ -170,8 +171,8 @@ def test_cancel_a_running_pull_then_resubmit_it(tmp_path):
         assert not pull_area(pair, job_id).exists()
 
 
-def test_cancel_a_running_push_deletes_the_remote_transaction(tmp_path):
-    with proxied_pair(tmp_path) as (proxy, pair):
+def test_cancel_a_running_push_deletes_the_remote_transaction(tmp_path, storage_section):
+    with proxied_pair(tmp_path, storage_section) as (proxy, pair):
         uploaded = pair.a.upload(dataset("3.3.1"))
         job_id = pair.a.start("send", "b-proxy", study(uploaded), "gzip")["ID"]
         wait_for_progress(pair.a, job_id, 4)
@@ -188,8 +189,8 @@ def test_cancel_a_running_push_deletes_the_remote_transaction(tmp_path):
         assert stored(pair.b) == 0
 
 
-def test_actions_on_finished_and_running_jobs(tmp_path):
-    with proxied_pair(tmp_path) as (_, pair):
+def test_actions_on_finished_and_running_jobs(tmp_path, storage_section):
+    with proxied_pair(tmp_path, storage_section) as (_, pair):
         uploaded = pair.b.upload(dataset("3.4.1", ct=8))
         job_id = pair.a.start("pull", "b-proxy", study(uploaded), "gzip")["ID"]
         wait_for_progress(pair.a, job_id, 1)
@@ -212,8 +213,8 @@ def test_actions_on_finished_and_running_jobs(tmp_path):
             assert action(pair.a, "0123-not-a-job", verb) == 400  # as tests/api/test_jobs.py
 
 
-def test_higher_priority_job_submitted_later_runs_first(tmp_path):
-    with proxied_pair(tmp_path, a={"ConcurrentJobs": 1}) as (proxy, pair):
+def test_higher_priority_job_submitted_later_runs_first(tmp_path, storage_section):
+    with proxied_pair(tmp_path, storage_section, a={"ConcurrentJobs": 1}) as (proxy, pair):
         first = pair.b.upload(dataset("3.5.1", ct=6))
         low = pair.b.upload(dataset("3.5.2", ct=2))
         high = pair.b.upload(dataset("3.5.3", ct=2))

@@ -42,10 +42,10 @@ def dataset(study: str) -> list[bytes]:
 
 
 @contextmanager
-def proxied_pair(tmp_path: Path, rule: Callable) -> Iterator[tuple[FaultProxy, Pair]]:
+def proxied_pair(tmp_path: Path, rule: Callable, storage: Callable[[], dict]) -> Iterator[tuple[FaultProxy, Pair]]:
     port_b = free_port()
     with FaultProxy(f"http://127.0.0.1:{port_b}", rule) as proxy, \
-            Pair(tmp_path, a=OPTIONS, b=OPTIONS, proxy_url=proxy.url, port_b=port_b) as pair:
+            Pair(tmp_path, a=OPTIONS, b=OPTIONS, proxy_url=proxy.url, port_b=port_b, storage=storage) as pair:
         yield proxy, pair
 
 
@@ -86,8 +86,8 @@ def requests_of(proxy: FaultProxy, method: str, prefix: str, start: int = 0, end
     return [e for e in proxy.exchanges[start:end] if e.method == method and e.path.startswith(prefix)]
 
 
-def test_pull_resumes_after_kill_9_without_fetching_finished_buckets(tmp_path):
-    with proxied_pair(tmp_path, stall_all("GET", CHUNKS)) as (proxy, pair):
+def test_pull_resumes_after_kill_9_without_fetching_finished_buckets(tmp_path, storage_section):
+    with proxied_pair(tmp_path, stall_all("GET", CHUNKS), storage_section) as (proxy, pair):
         uploaded = pair.b.upload(dataset("2.1.1"))
         job_id = pair.a.start("pull", "b-proxy", [{"Level": "Study", "ID": uploaded[0]["ParentStudy"]}], "gzip")["ID"]
 
@@ -117,8 +117,8 @@ def test_pull_resumes_after_kill_9_without_fetching_finished_buckets(tmp_path):
         assert not (tmp_path / "a" / "storage" / ".transfers" / "pull" / job_id).exists()
 
 
-def test_push_resumes_after_kill_9_without_resending_finished_buckets(tmp_path):
-    with proxied_pair(tmp_path, stall_all("PUT", PUSH)) as (proxy, pair):
+def test_push_resumes_after_kill_9_without_resending_finished_buckets(tmp_path, storage_section):
+    with proxied_pair(tmp_path, stall_all("PUT", PUSH), storage_section) as (proxy, pair):
         uploaded = pair.a.upload(dataset("2.1.2"))
         job_id = pair.a.start("send", "b-proxy", [{"Level": "Study", "ID": uploaded[0]["ParentStudy"]}], "gzip")["ID"]
 
