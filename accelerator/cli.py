@@ -1,4 +1,4 @@
-"""Command line: `accelerator serve | import | --version`."""
+"""Command line: `accelerator serve | import | send | pull | jobs | peers | storage | --version`."""
 
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     from accelerator import commands as remote
 
     remote.add_arguments(commands, [_connection_arguments])
+    from accelerator import storage_commands
+
+    storage_commands.add_arguments(commands, [_connection_arguments])
     return parser
 
 

@@ -65,8 +65,13 @@ def transfer(daemon: Daemon, route: str, args) -> int:
     return 0 if job["State"] == "Success" else 1
 
 
-def watch(fetch, *, progress: bool = True, interval: float = 0.5) -> dict:
-    """Poll a job until it finishes, with a progress bar showing MB/s and the ETA."""
+def transfer_postfix(content: dict) -> str:
+    return f"{content.get('NetworkSpeedKBs', 0) / 1024:.1f} MB/s, {content.get('CompletedHttpQueries', 0)} buckets"
+
+
+def watch(fetch, *, progress: bool = True, interval: float = 0.5, postfix=transfer_postfix) -> dict:
+    """Poll a job until it finishes, with a progress bar showing the ETA and what `postfix` makes
+    of the job's Content (a transfer's MB/s by default)."""
     bar = tqdm(total=100, unit="%", disable=not progress, bar_format=(
         "{desc} {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]"))
     try:
@@ -74,8 +79,7 @@ def watch(fetch, *, progress: bool = True, interval: float = 0.5) -> dict:
             job = fetch()
             content = job.get("Content", {})
             bar.set_description_str(f"{job.get('Type', 'job')} {job['State']}")
-            bar.set_postfix_str(f"{content.get('NetworkSpeedKBs', 0) / 1024:.1f} MB/s, "
-                                f"{content.get('CompletedHttpQueries', 0)} buckets")
+            bar.set_postfix_str(postfix(content))
             bar.update(job.get("Progress", 0) - bar.n)
             if job["State"] in FINISHED:
                 return job

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 
-from accelerator.api import core, jobs, peers, transfers
+from accelerator.api import core, jobs, move_storage, peers, storage, transfers
 from accelerator.api.http import (
     handle_client_disconnect,
     handle_http_exception,
@@ -24,6 +24,7 @@ from accelerator.api.http import (
 )
 from accelerator.api.middleware import AccessControl, NormalisePath
 from accelerator.config import Config
+from accelerator.jobs import move_storage as move
 from accelerator.jobs.engine import JobsEngine
 from accelerator.peers import Peers
 from accelerator.store import Store
@@ -88,7 +89,8 @@ def create_app(config: Config, store: Store | None = None, *, peers_: Peers | No
 
     users = config.registered_users if config.authentication_enabled else None
     app = Starlette(
-        routes=core.routes() + transfers.routes() + jobs.routes() + peers.routes(),
+        routes=core.routes() + transfers.routes() + jobs.routes() + peers.routes() + storage.routes()
+        + move_storage.routes(),
         middleware=[
             Middleware(NormalisePath),
             Middleware(AccessControl, remote_access=config.remote_access_allowed, users=users),
@@ -134,4 +136,6 @@ def _jobs_engine(config: Config, store: Store, peer_clients: Peers) -> JobsEngin
     engine = JobsEngine.from_config(config, store.index)
     engine.register(pull.JOB_TYPE, lambda ctx: pull_driver)
     engine.register(push.JOB_TYPE, lambda ctx: push_driver)
+    mover = move.MoveStorageDriver(store=store)  # one for all jobs: it serialises moves of one attachment
+    engine.register(move.JOB_TYPE, lambda ctx: mover)
     return engine
