@@ -173,7 +173,7 @@ class Poller:
 
     def _run(self) -> None:
         with httpx.Client(base_url=self.url, trust_env=False, timeout=HTTP_TIMEOUT) as c:
-            while not self._stop.is_set():
+            while True:  # at least one poll, however quick the steps under watch
                 try:
                     status, ms = timed(c, "GET", "/system")
                     self.errors += status != 200
@@ -181,7 +181,8 @@ class Poller:
                     self.errors += 1
                     ms = HTTP_TIMEOUT * 1000
                 self.worst_ms, self.count = max(self.worst_ms, ms), self.count + 1
-                self._stop.wait(POLL_INTERVAL)
+                if self._stop.wait(POLL_INTERVAL):
+                    break
 
     def __enter__(self) -> "Poller":
         self._thread.start()

@@ -16,6 +16,10 @@ share the machine's cores: the client's CPU (HTTP parsing, gzip inflate, MD5) co
 server's.
 
     python -m bench.chunks [--study ct] [--instances N] [--runs 3] [--workers 4] [--bucket-kib 4096]
+                           [--storage object-storage]
+
+``--storage object-storage`` keeps the attachments in a real S3 server (SeaweedFS, started for the
+benchmark on loopback; see bench/s3.py): each bucket is then read from it with range GETs.
 
 Prints a markdown table and writes bench/results/chunks-<timestamp>.json.
 """
@@ -41,6 +45,7 @@ import httpx
 from bench.datasets import KINDS, StudyManifest, ensure_study
 from bench.harness import REPO_ROOT, Daemon, DaemonError, process_usage
 from bench.ingest import upload_all
+from bench.s3 import BACKENDS, Backend, backend
 from protocol import codecs
 from protocol.chunks import chunk_uri, scatter_ranges
 from protocol.messages import Bucket, InstanceInfo, LookupAnswer, bucket_size
@@ -149,11 +154,15 @@ def pull(client: httpx.Client, buckets: list[Bucket], compression: str, workers:
 
 
 def run_once(d: Daemon, client: httpx.Client, study_id: str, compression: str, *, workers: int,
-             bucket_bytes: int, verify: bool) -> dict:
+             bucket_bytes: int, verify: bool, storage: Backend | None = None) -> dict:
+    """One pull of the study; with an object-storage ``storage``, its server's CPU and peak RSS too."""
     reset_peak_rss(d.pid)
     reset_peak_rss()
+    if storage:
+        storage.reset_server_peak()
     rss0 = _rss_now()
     cpu0, _ = d.usage(include_descendants=True)
+    s0 = storage.server_usage() if storage else None
     c0 = time.process_time()
     t0 = time.perf_counter()
     answer = lookup(client, study_id)
@@ -163,6 +172,7 @@ def run_once(d: Daemon, client: httpx.Client, study_id: str, compression: str, *
     wall = time.perf_counter() - t1
     client_cpu = time.process_time() - c0
     cpu1, peak = d.usage(include_descendants=True)
+    s1 = storage.server_usage() if storage else None
     _, client_peak = process_usage(os.getpid())
     total = answer.total_size
     if res["raw"] != total and not res["problems"]:
@@ -179,6 +189,8 @@ def run_once(d: Daemon, client: httpx.Client, study_id: str, compression: str, *
         "md5_checked": verify,
         "latency_ms": {"p50": 1000 * _pct(lat, 50), "p95": 1000 * _pct(lat, 95), "max": 1000 * lat[-1]} if lat else None,
         "problems": res["problems"][:20], "problem_count": len(res["problems"]),
+        **({"storage": storage.name, "storage_server_cpu_s": s1[0] - s0[0] if s0 and s1 else None,
+            "storage_server_peak_rss_bytes": s1[1] if s1 else None} if storage else {}),
     }
 
 
@@ -189,6 +201,12 @@ def upload(d: Daemon, client: httpx.Client, manifest: StudyManifest) -> dict:
     wall = time.perf_counter() - t
     if res["problems"]:
         raise ChunksError("upload failed: " + "; ".join(res["problems"][:5]))
+    study_id = check_lookup(client, manifest)
+    return {"study_id": study_id, "upload_s": wall, "upload_mb_per_s": manifest.total_bytes / 1e6 / wall}
+
+
+def check_lookup(client: httpx.Client, manifest: StudyManifest) -> str:
+    """The study's Orthanc ID, once its lookup matches the manifest (IDs, sizes, MD5s)."""
     study_id = manifest.files[0].orthanc_ids()["study"]
     answer = lookup(client, study_id)
     want = {f.orthanc_ids()["instance"]: (f.size, f.md5) for f in manifest.files}
@@ -197,7 +215,7 @@ def upload(d: Daemon, client: httpx.Client, manifest: StudyManifest) -> dict:
         bad = [k for k in want.keys() | got.keys() if want.get(k) != got.get(k)]
         raise ChunksError(f"lookup differs from the uploaded files for {len(bad)} instance(s), e.g. "
                           f"{bad[0]}: uploaded {want.get(bad[0])}, lookup {got.get(bad[0])}")
-    return {"study_id": study_id, "upload_s": wall, "upload_mb_per_s": manifest.total_bytes / 1e6 / wall}
+    return study_id
 
 
 def _pct(sorted_values: list[float], p: float) -> float:
@@ -254,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=json.loads, default={}, help="extra daemon configuration as JSON")
     ap.add_argument("--workdir", type=Path, help="where the daemon's temporary storage goes")
     ap.add_argument("--keep", action="store_true", help="keep the daemon's storage and logs")
+    ap.add_argument("--storage", choices=BACKENDS, default="file-system",
+                    help="where the daemon keeps attachments (object-storage: SeaweedFS on loopback)")
     ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     a = ap.parse_args(argv)
     n = a.instances or DEFAULT_INSTANCES[a.study]
@@ -273,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     limits = httpx.Limits(max_connections=a.workers, max_keepalive_connections=a.workers)
     try:
-        with Daemon(config, workdir) as d, httpx.Client(base_url=d.url, limits=limits, trust_env=False,
+        with backend(a.storage, a.workdir) as storage, \
+                Daemon({**config, **storage.config()}, workdir) as d, httpx.Client(base_url=d.url, limits=limits, trust_env=False,
                                                          timeout=httpx.Timeout(300.0)) as client:
             try:
                 setup = upload(d, client, manifest)
@@ -283,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                     for i in range(a.runs):
                         verify = a.verify == "all" or (a.verify == "first" and i == 0)
                         r = run_once(d, client, setup["study_id"], c, workers=a.workers,
-                                     bucket_bytes=a.bucket_kib * 1024, verify=verify)
+                                     bucket_bytes=a.bucket_kib * 1024, verify=verify, storage=storage)
                         runs.append(r)
                         print(f"{c} run {i + 1}: {r['raw_mb_per_s']:.0f} MB/s raw, {r['wire_mb_per_s']:.0f} MB/s "
                               f"wire, {r['problem_count']} problem(s)", file=sys.stderr)
@@ -294,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             except (ChunksError, httpx.HTTPError) as e:
                 print(f"error: {e}\ndaemon stderr tail:\n{d.stderr_tail()}", file=sys.stderr)
                 return 2
-    except DaemonError as e:
+    except (DaemonError, OSError, RuntimeError) as e:    # daemon or S3 server did not start
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -302,8 +323,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     params = {"study": a.study, "instances": n, "runs": a.runs, "workers": a.workers,
-              "bucket_kib": a.bucket_kib, "verify": a.verify, "seed": a.seed, "config": config}
+              "bucket_kib": a.bucket_kib, "verify": a.verify, "seed": a.seed, "config": config,
+              "storage": a.storage}
     print(markdown(params, manifest, runs))
+    if a.storage == "object-storage":
+        for c in COMPRESSIONS:
+            cpu = [r["storage_server_cpu_s"] for r in runs if r["compression"] == c]
+            print(f"\n{c}: SeaweedFS S3 CPU s: median {statistics.median(cpu):.2f} "
+                  f"(min {min(cpu):.2f}, max {max(cpu):.2f})")
     result = {
         "benchmark": "chunks", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "params": params,
         "dataset": {"kind": manifest.kind, "dir": str(manifest.root), "files": len(manifest.files),

@@ -6,7 +6,10 @@ parallel requests over keep-alive connections, and checks each answer (HTTP 200,
 "Success", the Orthanc ID we expect). Throughput is DICOM bytes / wall time of the uploads;
 the daemon's CPU is measured over the same window from /proc, its peak RSS is VmHWM.
 
-    python -m bench.ingest [--instances 300] [--runs 3] [--concurrency 4]
+    python -m bench.ingest [--instances 300] [--runs 3] [--concurrency 4] [--storage object-storage]
+
+``--storage object-storage`` keeps the attachments in a real S3 server (SeaweedFS, started for the
+benchmark on loopback, a fresh bucket per run; see bench/s3.py); its CPU is reported too.
 
 Prints a markdown table and writes bench/results/ingest-<timestamp>.json.
 """
@@ -28,6 +31,7 @@ import httpx
 
 from bench.datasets import StudyManifest, ensure_study
 from bench.harness import REPO_ROOT, Daemon, DaemonError
+from bench.s3 import BACKENDS, Backend, backend
 
 DATA_DIR = REPO_ROOT / "bench" / "data"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -100,21 +104,19 @@ def _count_instances(client: httpx.Client) -> int | None:
     return None
 
 
-def run_once(manifest: StudyManifest, *, concurrency: int, config: dict, workroot: Path | None,
-             preloaded: list[bytes] | None, keep: bool = False) -> dict:
-    tmp = tempfile.mkdtemp(prefix="bench-ingest-", dir=workroot)
-    workdir = Path(tmp)
-    try:
-        with Daemon(config, workdir) as d:
-            cpu0, _ = d.usage(include_descendants=True)
-            res = asyncio.run(upload_all(d.url, manifest, concurrency, preloaded))
-            cpu1, peak = d.usage(include_descendants=True)
-            with httpx.Client(base_url=d.url, timeout=30, trust_env=False) as c:
-                stored = _count_instances(c)
-            stderr_tail = d.stderr_tail(2000)
-    finally:
-        if not keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+def ingest_into(d: Daemon, manifest: StudyManifest, *, concurrency: int, preloaded: list[bytes] | None,
+                storage: Backend | None = None) -> dict:
+    """Upload ``manifest`` into the running daemon ``d`` and measure it (CPU over the uploads,
+    peak RSS since the daemon started; with an object-storage ``storage``, its server's CPU too)."""
+    cpu0, _ = d.usage(include_descendants=True)
+    if storage:
+        storage.reset_server_peak()
+    s0 = storage.server_usage() if storage else None
+    res = asyncio.run(upload_all(d.url, manifest, concurrency, preloaded))
+    cpu1, peak = d.usage(include_descendants=True)
+    s1 = storage.server_usage() if storage else None
+    with httpx.Client(base_url=d.url, timeout=30, trust_env=False) as c:
+        stored = _count_instances(c)
     n, total = len(manifest.files), manifest.total_bytes
     if stored is not None and stored != n and not res["problems"]:
         res["problems"].append(f"/statistics reports {stored} instances, uploaded {n}")
@@ -126,9 +128,28 @@ def run_once(manifest: StudyManifest, *, concurrency: int, config: dict, workroo
         "client_cpu_s": res["client_cpu"],
         "latency_ms": {"p50": 1000 * _pct(lat, 50), "p95": 1000 * _pct(lat, 95), "max": 1000 * lat[-1]} if lat else None,
         "stored_instances": stored, "problems": res["problems"][:20], "problem_count": len(res["problems"]),
-        "workdir": str(workdir) if keep else None,
-        "daemon_stderr_tail": stderr_tail if res["problems"] else None,
+        **({"storage": storage.name, "storage_server_cpu_s": s1[0] - s0[0] if s0 and s1 else None,
+            "storage_server_peak_rss_bytes": s1[1] if s1 else None} if storage else {}),
     }
+
+
+def run_once(manifest: StudyManifest, *, concurrency: int, config: dict, workroot: Path | None,
+             preloaded: list[bytes] | None, keep: bool = False, storage: Backend | None = None) -> dict:
+    """One fresh daemon on empty storage (``storage``'s, default its folder), one upload."""
+    tmp = tempfile.mkdtemp(prefix="bench-ingest-", dir=workroot)
+    workdir = Path(tmp)
+    if storage is not None:
+        config = {**config, **storage.config()}
+    try:
+        with Daemon(config, workdir) as d:
+            r = ingest_into(d, manifest, concurrency=concurrency, preloaded=preloaded, storage=storage)
+            stderr_tail = d.stderr_tail(2000)
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    r["workdir"] = str(workdir) if keep else None
+    r["daemon_stderr_tail"] = stderr_tail if r["problem_count"] else None
+    return r
 
 
 def _pct(sorted_values: list[float], p: float) -> float:
@@ -172,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                     help='extra daemon configuration as JSON, e.g. \'{"StorageCompression": true}\'')
     ap.add_argument("--workdir", type=Path, help="where the daemons' temporary storage goes (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep each run's storage and logs")
+    ap.add_argument("--storage", choices=BACKENDS, default="file-system",
+                    help="where the daemon keeps attachments (object-storage: SeaweedFS on loopback)")
     ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     a = ap.parse_args(argv)
     if a.instances < 1 or a.runs < 1 or a.concurrency < 1:
@@ -185,22 +208,27 @@ def main(argv: list[str] | None = None) -> int:
     preloaded = [p.read_bytes() for p in manifest.paths()] if manifest.total_bytes <= PRELOAD_LIMIT else None
 
     runs = []
-    for i in range(a.runs):
-        try:
-            r = run_once(manifest, concurrency=a.concurrency, config=a.config, workroot=a.workdir,
-                         preloaded=preloaded, keep=a.keep)
-        except DaemonError as e:
-            print(f"run {i + 1}: {e}", file=sys.stderr)
-            return 2
-        runs.append(r)
-        print(f"run {i + 1}: {r['instances_per_s']:.1f} instances/s, {r['mb_per_s']:.1f} MB/s, "
-              f"{r['problem_count']} problem(s)", file=sys.stderr)
-        for p in r["problems"][:5]:
-            print(f"  {p}", file=sys.stderr)
+    with backend(a.storage, a.workdir) as storage:
+        for i in range(a.runs):
+            try:
+                r = run_once(manifest, concurrency=a.concurrency, config=a.config, workroot=a.workdir,
+                             preloaded=preloaded, keep=a.keep, storage=storage)
+            except DaemonError as e:
+                print(f"run {i + 1}: {e}", file=sys.stderr)
+                return 2
+            runs.append(r)
+            print(f"run {i + 1}: {r['instances_per_s']:.1f} instances/s, {r['mb_per_s']:.1f} MB/s, "
+                  f"{r['problem_count']} problem(s)", file=sys.stderr)
+            for p in r["problems"][:5]:
+                print(f"  {p}", file=sys.stderr)
 
     params = {"instances": a.instances, "runs": a.runs, "concurrency": a.concurrency, "seed": a.seed,
-              "config": a.config}
+              "config": a.config, "storage": a.storage}
     print(markdown(params, manifest, runs))
+    if a.storage == "object-storage":
+        cpu = [r["storage_server_cpu_s"] for r in runs]
+        print(f"\nstorage: SeaweedFS S3 on loopback, CPU s during the uploads: median "
+              f"{statistics.median(cpu):.2f} (min {min(cpu):.2f}, max {max(cpu):.2f})")
     result = {
         "benchmark": "ingest", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "params": params,
         "dataset": {"kind": manifest.kind, "dir": str(manifest.root), "files": len(manifest.files),
