@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import zlib
 import os
 import signal
 import subprocess
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from accelerator.api.app import open_store
+from accelerator.config import config_from_dict
 from accelerator.store import FileToIngest, Store
 from accelerator.store.area import STAGING
 from accelerator.store.storage import FileSystemStorage
@@ -263,12 +267,12 @@ def test_missing_file_is_reported_as_corrupted(store):
 
 
 _WRITER = textwrap.dedent("""
-    import sys, itertools
-    from pathlib import Path
-    from accelerator.store import Store
+    import json, sys, itertools
     sys.path.insert(0, sys.argv[2])
+    from accelerator.api.app import open_store
+    from accelerator.config import config_from_dict
     from tests.dicom_data import make_instance
-    store = Store(Path(sys.argv[1]))
+    store = open_store(config_from_dict(json.loads(sys.argv[1])))
     blobs = [make_instance(sop_uid=f"1.2.826.7.{i}", InstanceNumber=i) for i in range(40)]
     print("ready", flush=True)
     for i in itertools.count():
@@ -281,17 +285,36 @@ _WRITER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_kill_9_during_ingest_and_delete_leaves_a_consistent_store(tmp_path):
-    """A writer killed at random moments: after each restart the area and index agree."""
+def test_kill_9_during_ingest_and_delete_leaves_a_consistent_store(tmp_path, storage_section):
+    """A writer killed at random moments: after each restart the storage and index agree (on
+    the file system, and in a bucket)."""
     repo = Path(__file__).resolve().parents[2]
+    options = {"StorageDirectory": str(tmp_path / "storage"), **storage_section()}
     for attempt, delay in enumerate((0.3, 0.55, 0.8, 1.1)):
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), str(repo)],
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, json.dumps(options), str(repo)],
                                 stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        store = Store(tmp_path)
+        store = open_store(config_from_dict(options))
         _check_consistent(store)
         assert store.statistics()["instances"] == len(store.index.list_ids(Level.INSTANCE))
         store.close()
+
+
+@pytest.mark.parametrize("compression", [False, True], ids=["plain", "compressed"])
+def test_stored_content_is_what_orthanc_writes(make_config, compression):
+    """On disk or in a bucket, an attachment holds the DICOM file, or with StorageCompression
+    Orthanc's layout: the uncompressed size (uint64, little endian) then a zlib stream."""
+    store = open_store(make_config({"StorageCompression": compression}))
+    data = _series(1)[0]
+    outcome = store.ingest_bytes(data)
+    att = store.attachment(outcome.parsed.ids.instance)
+    raw = store.area.storage.read(att.uuid)  # the bytes as the storage holds them
+    assert hashlib.md5(raw).hexdigest() == att.stored_md5 and len(raw) == att.stored_size
+    if compression:
+        assert raw[:8] == len(data).to_bytes(8, "little") and zlib.decompress(raw[8:]) == data
+    else:
+        assert raw == data
+    store.close()
