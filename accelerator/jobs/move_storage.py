@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import obstore
 from anyio import to_thread
 
 from accelerator.jobs.base import JobContext, JobFailure
@@ -278,7 +277,7 @@ class MoveStorageDriver:
     @staticmethod
     def _verified(target: Storage, att: Attachment) -> bool:
         """The target copy has the size and MD5 the index records."""
-        etag = _single_part_etag(target, att.uuid)
+        etag = target.server_md5(att.uuid)
         if etag is not None:
             size, tag = etag
             if size != att.stored_size:
@@ -336,23 +335,3 @@ def _download(storage: Storage, uuid: str, size: int, path: Path) -> tuple[int, 
         f.flush()
         os.fsync(f.fileno())
     return written, digest.hexdigest()
-
-
-def _single_part_etag(storage: Storage, uuid: str) -> tuple[int, str] | None:
-    """(size, ETag) of an object whose ETag looks like a single-part MD5; None otherwise (a
-    file, a multipart upload, an Azure blob, a failed HEAD: the caller reads the copy back)."""
-    store, key = getattr(storage, "store", None), getattr(storage, "key", None)
-    if store is None or key is None:
-        return None
-    try:
-        meta = obstore.head(store, key(uuid))
-    except FileNotFoundError:
-        return None  # the read-back says CorruptedFile
-    except Exception as exc:  # e.g. a transient error: the read-back decides
-        log.debug("HEAD of %s failed: %s", uuid, exc)
-        return None
-    tag = str(meta.get("e_tag") or "").strip('"').lower()
-    if len(tag) != 32 or any(c not in "0123456789abcdef" for c in tag):
-        return None
-    return int(meta["size"]), tag
-

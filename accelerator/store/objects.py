@@ -54,6 +54,7 @@ LIST_PAGE = 1000
 CHECK_PREFIX = ".accelerator-check"  # `check()` lists this (empty) prefix: one cheap round trip
 
 UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_MD5 = re.compile(r"[0-9a-f]{32}")
 _UUID = re.compile(UUID_PATTERN)
 _FLAT_NAME = re.compile(rf"({UUID_PATTERN})\.dcm")
 _NO_BUCKET = re.compile(r"NoSuchBucket|ContainerNotFound")
@@ -274,6 +275,18 @@ class ObjectStorage(Storage):
 
     def is_staged(self, uuid: str) -> bool:
         return (self.pending / uuid).is_file()
+
+    def server_md5(self, uuid: str) -> tuple[int, str] | None:
+        """The ETag when it looks like a single-part MD5 (not a multipart upload's, not Azure's)."""
+        try:
+            meta = obstore.head(self.store, self.key(uuid))
+        except Exception as exc:  # missing, or a transient error: the caller reads back
+            log.debug("HEAD of %s failed: %s", uuid, short_reason(exc))
+            return None
+        tag = str(meta.get("e_tag") or "").strip('"').lower()
+        if not _MD5.fullmatch(tag):
+            return None
+        return int(meta["size"]), tag
 
     def remove(self, uuid: str) -> None:
         self._delete(self.key(uuid))

@@ -90,6 +90,12 @@ class Storage(ABC):
         """A local file holding the attachment, when there is one (readers may open it)."""
         return None
 
+    def server_md5(self, uuid: str) -> tuple[int, str] | None:
+        """(size, MD5) of the attachment as the storage computed them over the bytes it holds,
+        when it offers that for the price of one request (an S3 single-part ETag); None when
+        it does not, and the caller reads the bytes back to check them."""
+        return None
+
     def close(self) -> None:
         """Release connections; the storage is not used afterwards."""
 
