@@ -35,8 +35,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import zlib
-from collections.abc import Iterator
 from typing import Any
 
 from anyio import to_thread
@@ -49,13 +47,11 @@ from accelerator.api.http import json_answer
 from accelerator.store import Attachment, Store
 from accelerator.store.hybrid import HybridStorage
 from accelerator.store.index import DICOM_ATTACHMENT
-from accelerator.store.storage import FILE_SYSTEM, OBJECT_STORAGE, FileSystemStorage, Storage
+from accelerator.store.storage import FILE_SYSTEM, OBJECT_STORAGE, FileSystemStorage, Storage, md5_of
 from protocol.errors import CorruptedFile, OrthancError, UnknownResource
 
 log = logging.getLogger(__name__)
 
-READ_BLOCK = 1 << 20  # bytes hashed at a time from a local file
-_SIZE_PREFIX = 8  # Orthanc's compressed layout: uint64 size, then the zlib stream
 _CONTENT_TYPES = {"dicom": 1, "dicom-as-json": 2, "dicom-until-pixel-data": 3}
 _INTEGER = re.compile(r"-?[0-9]+")
 
@@ -100,60 +96,22 @@ def sides_holding(storage: Storage, uuid: str) -> list[str]:
     return [storage.kind] if storage.exists(uuid) else []
 
 
-def stored_chunks(storage: Storage, uuid: str) -> Iterator[bytes]:
-    """The stored bytes of an attachment as a read gets them (in HybridMode the primary side
-    first, then the other: a move in progress never makes a check fail): from a local file a
-    block at a time, else whole (an object read is one GET, as in Orthanc's plugin)."""
-    sides = [storage.primary, storage.secondary] if isinstance(storage, HybridStorage) else [storage]
-    for side in sides:
-        if isinstance(side, FileSystemStorage):
-            try:
-                f = open(side.local_path(uuid), "rb")
-            except FileNotFoundError:
-                continue
-            with f:
-                while block := f.read(READ_BLOCK):
-                    yield block
-            return
-        try:
-            data = side.read(uuid)
-        except CorruptedFile:
-            continue
-        yield data
-        return
-    raise CorruptedFile(f"Missing attachment in the storage: {uuid}")
-
-
 def verify(store: Store, attachment: Attachment) -> bool:
-    """Orthanc's check: the MD5 of the stored bytes, then (compressed) of the DICOM bytes."""
-    stored, dicom = hashlib.md5(), hashlib.md5()
-    inflater = zlib.decompressobj()
-    prefix, broken, size = b"", False, 0
-    for chunk in stored_chunks(store.area.storage, attachment.uuid):
-        stored.update(chunk)
-        if not attachment.compressed or broken:
-            continue
-        if len(prefix) < _SIZE_PREFIX:
-            take = _SIZE_PREFIX - len(prefix)
-            prefix, chunk = prefix + chunk[:take], chunk[take:]
-        try:
-            out = inflater.decompress(chunk, READ_BLOCK)
-            while out:
-                dicom.update(out)
-                size += len(out)
-                out = inflater.decompress(inflater.unconsumed_tail, READ_BLOCK) if inflater.unconsumed_tail else b""
-        except zlib.error:
-            broken = True
-    if stored.hexdigest() != attachment.stored_md5:
+    """Orthanc's check: the MD5 of the stored bytes, then (compressed) of the DICOM bytes. Read
+    as any read is (in HybridMode the primary side, then the other); uncompressed, a block at a
+    time. Bytes gone entirely are the read's own CorruptedFile; wrong bytes are False."""
+    storage = store.area.storage
+    if not storage.exists(attachment.uuid):
+        raise CorruptedFile(f"Missing attachment in the storage: {attachment.uuid}")
+    try:
+        if not attachment.compressed:
+            return md5_of(storage, attachment.uuid, attachment.stored_size) == attachment.stored_md5
+        stored = storage.read(attachment.uuid)  # compressed: read whole, as every read of it
+        if hashlib.md5(stored).hexdigest() != attachment.stored_md5:
+            return False
+        return hashlib.md5(store.area.decode(attachment.uuid, stored, True)).hexdigest() == attachment.md5
+    except CorruptedFile:
         return False
-    if not attachment.compressed:
-        return True
-    if broken or len(prefix) < _SIZE_PREFIX:
-        return False
-    tail = inflater.flush()
-    dicom.update(tail)
-    size += len(tail)
-    return inflater.eof and size == int.from_bytes(prefix, "little") and dicom.hexdigest() == attachment.md5
 
 
 # -- routes ------------------------------------------------------------------------------------

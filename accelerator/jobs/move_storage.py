@@ -44,7 +44,7 @@ from accelerator.store import Store
 from accelerator.store.area import UPLOAD_PREFIX
 from accelerator.store.hybrid import HybridStorage
 from accelerator.store.index import Attachment, Index
-from accelerator.store.storage import FILE_SYSTEM, OBJECT_STORAGE, Storage, unlink
+from accelerator.store.storage import FILE_SYSTEM, OBJECT_STORAGE, Storage, blocks, md5_of, unlink
 from accelerator.transfers.workers import run_pool
 from protocol.errors import BadFileFormat, CorruptedFile, UnknownResource
 from protocol.resources import Level
@@ -285,10 +285,9 @@ class MoveStorageDriver:
             if tag == att.stored_md5:
                 return True  # the server's MD5 of what it stored
         try:
-            size, md5 = _hash_range_reads(target, att.uuid, att.stored_size)
+            return md5_of(target, att.uuid, att.stored_size) == att.stored_md5
         except CorruptedFile:
             return False
-        return size == att.stored_size and md5 == att.stored_md5
 
 
 def _other(kind: str) -> str:
@@ -308,27 +307,11 @@ def _hash_file(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _blocks(storage: Storage, uuid: str, size: int):
-    """The attachment's first `size` bytes, BLOCK by BLOCK (range reads: never whole)."""
-    if size == 0:
-        storage.read_range(uuid, 0, 0)  # exists, or CorruptedFile
-    for offset in range(0, size, BLOCK):
-        yield storage.read_range(uuid, offset, min(BLOCK, size - offset))
-
-
-def _hash_range_reads(storage: Storage, uuid: str, size: int) -> tuple[int, str]:
-    digest, read = hashlib.md5(), 0
-    for block in _blocks(storage, uuid, size):
-        digest.update(block)
-        read += len(block)
-    return read, digest.hexdigest()
-
-
 def _download(storage: Storage, uuid: str, size: int, path: Path) -> tuple[int, str]:
     """Copy the attachment to a new local file, fsync'ed; returns its size and MD5."""
     digest, written = hashlib.md5(), 0
     with open(path, "xb") as f:
-        for block in _blocks(storage, uuid, size):
+        for block in blocks(storage, uuid, size, BLOCK):
             f.write(block)
             digest.update(block)
             written += len(block)

@@ -126,7 +126,11 @@ class StorageArea:
 
     def read(self, uuid: str, compressed: bool) -> bytes:
         """The DICOM bytes of an attachment."""
-        stored = self.storage.read(uuid)
+        return self.decode(uuid, self.storage.read(uuid), compressed)
+
+    @staticmethod
+    def decode(uuid: str, stored: bytes, compressed: bool) -> bytes:
+        """The DICOM bytes of stored bytes; CorruptedFile if they do not decompress whole."""
         return _decompress(uuid, stored) if compressed else stored
 
     def read_range(self, uuid: str, compressed: bool, offset: int, length: int) -> bytes:

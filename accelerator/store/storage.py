@@ -16,6 +16,7 @@ storage `FullStorage`; nothing else is expected.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -195,6 +196,33 @@ class FileSystemStorage(Storage):
             for path in sorted(first.glob("[0-9a-f][0-9a-f]/*")):
                 if path.is_file():
                     yield path.name
+
+
+READ_BLOCK = 4 * 1024 * 1024  # bytes of an attachment read at once when it is read in pieces
+
+
+def blocks(storage: Storage, uuid: str, size: int, block: int = READ_BLOCK) -> Iterator[bytes]:
+    """The first `size` bytes of an attachment, a block at a time (range reads, never whole);
+    CorruptedFile if it is missing or shorter."""
+    if size == 0:
+        storage.read_range(uuid, 0, 0)  # exists, or CorruptedFile
+    for offset in range(0, size, block):
+        yield storage.read_range(uuid, offset, min(block, size - offset))
+
+
+def md5_of(storage: Storage, uuid: str, size: int) -> str:
+    """MD5 of exactly `size` stored bytes; CorruptedFile if the attachment is missing, shorter
+    or longer (so that a file with bytes appended does not pass for intact)."""
+    digest = hashlib.md5()
+    for block in blocks(storage, uuid, size):
+        digest.update(block)
+    try:
+        extra = storage.read_range(uuid, size, 1)
+    except CorruptedFile:
+        extra = b""  # nothing past the end: as it should be
+    if extra:
+        raise CorruptedFile(f"Attachment {uuid} is longer than the index says")
+    return digest.hexdigest()
 
 
 @contextmanager
