@@ -26,6 +26,7 @@ so that the whole hierarchy reads in one page:
         ├── CorruptedFile        500 / 20   MD5 mismatch, stored file unreadable
         ├── InternalError        500 / -1
         ├── ServiceBusy          503 / 36   every slot taken; retry later (Retry-After)
+        ├── JobFailed            500 / the job's ErrorCode: a job run synchronously failed
         └── FullStorage          507 / 14   no space left for what was sent (as Orthanc)
 """
 
@@ -137,6 +138,17 @@ class FullStorage(OrthancError):
     """Orthanc answers 507 with error 14 when its storage area is full (ServerContext::Store)."""
 
     http_status, orthanc_status, message = 507, 14, "The file storage is full"
+
+
+class JobFailed(OrthancError):
+    """A job run on behalf of a synchronous request failed: its error code and description, as
+    Orthanc's job wrapper rethrows them (e.g. `POST /move-storage`)."""
+
+    http_status = 500
+
+    def __init__(self, details: str, *, code: int, description: str):
+        super().__init__(details)
+        self.orthanc_status, self.message = code, description
 
 
 def is_disk_full(exc: BaseException) -> bool:

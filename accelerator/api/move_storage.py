@@ -35,24 +35,13 @@ from accelerator.api.http import json_answer, parse_json, read_body
 from accelerator.jobs import move_storage
 from accelerator.jobs.engine import ERROR_DESCRIPTIONS, FINISHED, SUCCESS
 from accelerator.store.hybrid import HybridStorage
-from protocol.errors import BadFileFormat, MethodNotAllowed, OrthancError, UnknownResource
+from protocol.errors import BadFileFormat, JobFailed, MethodNotAllowed, UnknownResource
 from protocol.messages import Created
 
 JSON_LIMIT = 64 * 1024 * 1024
 RESOURCES, TARGET_STORAGE = "Resources", "TargetStorage"
 SYNCHRONOUS, ASYNCHRONOUS, PRIORITY = "Synchronous", "Asynchronous", "Priority"
 _ANY_METHOD = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]  # (HEAD comes with GET)
-
-
-class JobFailed(OrthancError):
-    """A synchronous job that did not succeed: its error, as the plugin's wrapper rethrows it."""
-
-    http_status = 500
-
-    def __init__(self, job: dict[str, Any]):
-        super().__init__(job.get("ErrorDetails") or job.get("ErrorDescription", ""))
-        self.orthanc_status = job.get("ErrorCode", 1)
-        self.message = job.get("ErrorDescription") or ERROR_DESCRIPTIONS.get(self.orthanc_status, "Error")
 
 
 def _parse(body: Any) -> tuple[list[Any], str]:
@@ -96,7 +85,9 @@ async def move_storage_endpoint(request: Request) -> Response:
         return json_answer(Created.job(job_id).to_json())
     job = await engine.wait(job_id, FINISHED)
     if job["State"] != SUCCESS:
-        raise JobFailed(job)
+        raise JobFailed(job.get("ErrorDetails") or job.get("ErrorDescription", ""),
+                        code=job.get("ErrorCode", 1),
+                        description=job.get("ErrorDescription") or ERROR_DESCRIPTIONS.get(job.get("ErrorCode", 1), "Error"))
     return json_answer(groups)
 
 
