@@ -29,6 +29,23 @@ def s3_server(tmp_path_factory) -> Iterator[Any]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def azure_server(tmp_path_factory) -> Iterator[Any]:
+    """A real Azure Blob service (Azurite) for the session: (endpoint, account_name, account_key,
+    connection_string, create_container); each test makes its own container."""
+    from bench.azurite import AzureEndpoint, azurite_binary, start_azure_server
+
+    if azurite_binary() is None:
+        pytest.skip("Azurite is not installed (`./run test` installs it with npm into .azurite/; "
+                    "it needs node and npm)")
+    server = start_azure_server(tmp_path_factory.mktemp("azurite"))
+    try:
+        yield AzureEndpoint(server.endpoint, server.account_name, server.account_key,
+                            server.connection_string, server.create_container)
+    finally:
+        server.stop()
+
+
 #: Every test that builds its configuration through `make_config` (or a daemon pair through
 #: `storage_section`) runs once per kind of storage: the whole suite holds on object storage too.
 STORAGE_KINDS = ("file-system", "object-storage")

@@ -12,6 +12,7 @@ and published at the next start; a file that cannot be removed stays in the tras
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from accelerator.store.area import STAGING, StorageArea, StoredFile
 from accelerator.store.dicom import ParsedInstance, parse_bytes, parse_file
 from accelerator.store.index import Attachment, Index, Outcome, Resource, timestamp
 from accelerator.store.storage import FileSystemStorage, Storage
-from protocol.errors import AcceleratorError
+from protocol.errors import AcceleratorError, CorruptedFile
 from protocol.resources import Level
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,13 @@ class Store:
         return self.index.attachment(instance_id)
 
     def read_file(self, instance_id: str) -> bytes:
+        """The whole DICOM file, checked against the MD5 the index recorded: a file that changed
+        in the storage is CorruptedFile, never served as if it were the instance."""
         att = self.index.attachment(instance_id)
-        return self.area.read(att.uuid, att.compressed)
+        data = self.area.read(att.uuid, att.compressed)
+        if len(data) != att.size or hashlib.md5(data).hexdigest() != att.md5:
+            raise CorruptedFile(f"The stored file of instance {instance_id} fails its MD5 check")
+        return data
 
     def read_range(self, attachment: Attachment, offset: int, length: int) -> bytes:
         return self.area.read_range(attachment.uuid, attachment.compressed, offset, length)

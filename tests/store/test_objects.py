@@ -1,5 +1,9 @@
 """ObjectStorage against a real S3 server (SeaweedFS, the session's `s3_server`), plus the pure
-parts: Orthanc's object names, and the settings of the Azure side."""
+parts: Orthanc's object names, and the settings of the Azure side.
+
+The tests of behaviours common to both backends take only `make_settings`, `settings`, `storage`
+and `tmp_path`: tests/store/test_objects_azure.py imports them and runs them again on Azurite
+with its own `make_settings`."""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ import hashlib
 import os
 import socket
 import uuid as uuidlib
+from collections.abc import Callable
+from pathlib import Path
 
 import obstore
 import pytest
-from obstore.store import AzureStore, S3Store
+from obstore.store import AzureStore
 
 from accelerator.store import objects
 from accelerator.store.objects import (ObjectStorage, ObjectStorageSettings, make_store, object_name,
@@ -93,8 +99,14 @@ def s3_settings(s3_server, bucket: str | None = None, **options) -> ObjectStorag
 
 
 @pytest.fixture
-def settings(s3_server) -> ObjectStorageSettings:
-    return s3_settings(s3_server)
+def make_settings(s3_server) -> Callable[..., ObjectStorageSettings]:
+    """Settings on a fresh bucket, or on `bucket` (which may not exist), with `options`."""
+    return lambda bucket=None, **options: s3_settings(s3_server, bucket, **options)
+
+
+@pytest.fixture
+def settings(make_settings) -> ObjectStorageSettings:
+    return make_settings()
 
 
 @pytest.fixture
@@ -156,7 +168,8 @@ def test_create_only_never_overwrites(storage, tmp_path):
         storage.stage(uuid, b"second")
     assert storage.staged() == [uuid]
     storage.publish(uuid)
-    with pytest.raises(InternalError, match=f"Object {uuid}.dcm already exists in bucket .*not overwritten"):
+    where = f"{storage.settings.bucket_word} {storage.settings.bucket}"
+    with pytest.raises(InternalError, match=f"Object {uuid}.dcm already exists in {where}: not overwritten"):
         storage.stage(uuid, b"second")
     source = tmp_path / "source"
     source.write_bytes(b"third")
@@ -171,11 +184,11 @@ def test_create_only_never_overwrites(storage, tmp_path):
     assert list(storage.list()) == [uuid]
 
 
-def test_missing_and_short_objects_are_corrupted_files(storage, settings, s3_server, tmp_path):
-    uuid = new_uuid()
+def test_missing_and_short_objects_are_corrupted_files(storage, settings, make_settings, tmp_path):
+    uuid, word = new_uuid(), settings.bucket_word
     for read in (lambda: storage.read(uuid), lambda: storage.read_range(uuid, 0, 10),
                  lambda: storage.read_range(uuid, 0, 0)):
-        with pytest.raises(CorruptedFile, match=f"Missing object {uuid}.dcm in bucket {settings.bucket_name}"):
+        with pytest.raises(CorruptedFile, match=f"Missing object {uuid}.dcm in {word} {settings.bucket}"):
             read()
     storage.stage(uuid, b"0123456789")
     storage.publish(uuid)
@@ -184,8 +197,9 @@ def test_missing_and_short_objects_are_corrupted_files(storage, settings, s3_ser
     with pytest.raises(CorruptedFile, match="shorter"):
         storage.read_range(uuid, 20, 5)  # starts beyond it (416)
     assert not storage.exists(new_uuid())
-    nowhere = object_storage(s3_settings(s3_server, bucket="never-created"), tmp_path / "other")
-    with pytest.raises(InternalError, match=f"cannot read {uuid}.dcm in bucket never-created: .*NoSuchBucket"):
+    nowhere = object_storage(make_settings("never-created"), tmp_path / "other")
+    with pytest.raises(InternalError,
+                       match=f"cannot read {uuid}.dcm in {word} never-created: .*(NoSuchBucket|ContainerNotFound)"):
         nowhere.read(uuid)  # a missing bucket is not a missing object
 
 
@@ -217,16 +231,16 @@ def test_staged_and_discard_after_a_restart(settings, tmp_path):
     assert not after.exists(uuid) and after.staged() == []
 
 
-def test_large_stage_file_is_multipart_with_bounded_memory(s3_server, tmp_path):
-    size = 32 * 1024 * 1024
+LARGE_SIZE = 32 * 1024 * 1024  # 7 parts of PART_SIZE
+
+
+def stage_large_file(storage: ObjectStorage, tmp_path) -> tuple[str, Path]:
+    """`stage_file` of a LARGE_SIZE file, checking that the peak RSS grows far less than that."""
+    size = LARGE_SIZE
     source = tmp_path / "large"
-    md5 = hashlib.md5()
     with open(source, "wb") as f:
         for _ in range(size // (1 << 20)):
-            block = os.urandom(1 << 20)
-            md5.update(block)
-            f.write(block)
-    storage = object_storage(s3_settings(s3_server, max_connections=2), tmp_path / "pending")
+            f.write(os.urandom(1 << 20))
     uuid = new_uuid()
     try:
         with open("/proc/self/clear_refs", "w") as f:  # reset this process's peak RSS
@@ -238,14 +252,25 @@ def test_large_stage_file_is_multipart_with_bounded_memory(s3_server, tmp_path):
     if peak_before is not None:
         grown = _peak_rss() - peak_before
         assert grown < 24 * 1024 * 1024, f"peak RSS grew by {grown >> 20} MiB for a {size >> 20} MiB upload"
-    meta = obstore.head(storage.store, storage.key(uuid))
-    assert meta["size"] == size
-    assert meta["e_tag"].strip('"').endswith("-7")  # 7 parts of 5 MiB: a multipart upload
+    assert obstore.head(storage.store, storage.key(uuid))["size"] == size
+    return uuid, source
+
+
+def check_large_file(storage: ObjectStorage, uuid: str, source: Path) -> None:
+    """Publish the staged large file and read it back, in ranges and whole."""
     storage.publish(uuid)
     data = source.read_bytes()
-    for offset in (0, 5 * 1024 * 1024 - 3, size - 100):
+    for offset in (0, 5 * 1024 * 1024 - 3, len(data) - 100):
         assert storage.read_range(uuid, offset, 100) == data[offset:offset + 100]
-    assert hashlib.md5(storage.read(uuid)).digest() == md5.digest()
+    assert hashlib.md5(storage.read(uuid)).digest() == hashlib.md5(data).digest()
+
+
+def test_large_stage_file_is_multipart_with_bounded_memory(make_settings, tmp_path):
+    storage = object_storage(make_settings(max_connections=2), tmp_path / "pending")
+    uuid, source = stage_large_file(storage, tmp_path)
+    meta = obstore.head(storage.store, storage.key(uuid))
+    assert meta["e_tag"].strip('"').endswith("-7")  # 7 parts of 5 MiB: a multipart upload
+    check_large_file(storage, uuid, source)
 
 
 def _peak_rss() -> int:
@@ -296,8 +321,8 @@ def test_operation_failures_are_short_internal_errors(s3_server, tmp_path):
     assert storage.staged() == [uuid]  # the put failed and so did the delete: recovery will discard
 
 
-def test_legacy_layout_under_a_root_path(s3_server, tmp_path):
-    settings = s3_settings(s3_server, root_path="/orthanc/data/", storage_structure="legacy")
+def test_legacy_layout_under_a_root_path(make_settings, tmp_path):
+    settings = make_settings(root_path="/orthanc/data/", storage_structure="legacy")
     storage = object_storage(settings, tmp_path / "pending")
     storage.check()
     ours = sorted(new_uuid() for _ in range(3))
@@ -305,9 +330,7 @@ def test_legacy_layout_under_a_root_path(s3_server, tmp_path):
         storage.stage(uuid, uuid.encode())
         storage.publish(uuid)
     by_orthanc = new_uuid()  # written by an Orthanc on the same bucket
-    plain = S3Store(settings.bucket_name, endpoint=settings.endpoint, region="us-east-1",
-                    access_key_id=settings.access_key, secret_access_key=settings.secret_key,
-                    client_options={"allow_http": True})
+    plain = make_store(settings)  # another client on the same bucket, which knows no RootPath
     obstore.put(plain, f"orthanc/data/{by_orthanc[:2]}/{by_orthanc[2:4]}/{by_orthanc}", b"orthanc")
     foreign = {"orthanc/data/README.txt", f"orthanc/data/{U1}.dcm", f"elsewhere/01/23/{U1}"}
     for key in foreign:

@@ -318,3 +318,15 @@ def test_stored_content_is_what_orthanc_writes(make_config, compression):
     else:
         assert raw == data
     store.close()
+
+
+def test_a_file_changed_in_the_storage_is_never_served(store):
+    """Same size, other bytes (on disk or in the bucket): CorruptedFile, not the wrong bytes."""
+    data = _series(1)[0]
+    outcome = store.ingest_bytes(data)
+    att = store.attachment(outcome.parsed.ids.instance)
+    store.area.storage.remove(att.uuid)
+    store.area.storage.stage(att.uuid, bytes(len(data)))
+    store.area.storage.publish(att.uuid)
+    with pytest.raises(CorruptedFile, match="MD5"):
+        store.read_file(outcome.parsed.ids.instance)
