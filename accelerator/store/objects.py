@@ -480,8 +480,9 @@ def _azure_config(fields: dict[str, str]) -> dict[str, Any]:
 
 def _azure_endpoint(fields: dict[str, str]) -> str:
     lower = {k.lower(): v for k, v in fields.items()}
-    if lower.get("usedevelopmentstorage", "").lower() == "true":
-        return "http://127.0.0.1:10000/devstoreaccount1"
+    if lower.get("usedevelopmentstorage", "").lower() == "true":  # obstore honours this variable
+        emulator = os.environ.get("AZURITE_BLOB_STORAGE_URL") or "http://127.0.0.1:10000"
+        return f"{emulator.rstrip('/')}/devstoreaccount1"
     if lower.get("blobendpoint"):
         return lower["blobendpoint"].rstrip("/")
     if "accountname" in lower:
