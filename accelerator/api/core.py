@@ -31,7 +31,8 @@ def route(path: str, **handlers: Handler) -> Route:
     """One route per path, whatever its methods, so a wrong method gets 405 with the full Allow."""
 
     async def endpoint(request: Request) -> Response:
-        return await handlers[request.method](request)
+        method = "GET" if request.method == "HEAD" else request.method  # HEAD comes with GET
+        return await handlers[method](request)
 
     return Route(path, endpoint, methods=list(handlers))
 
@@ -206,8 +207,13 @@ _ANCESTORS = {"patient": Level.PATIENT, "study": Level.STUDY, "series": Level.SE
 # -- instances ---------------------------------------------------------------------------------
 
 async def post_instances(request: Request) -> Response:
-    """Store one DICOM file. Small bodies are handled in memory; larger ones (or bodies of
-    unknown length) are streamed to a file first, so memory stays bounded by MEMORY_UPLOAD."""
+    """Store one DICOM file, or every DICOM file of a ZIP (Orthanc >= 1.8.2: a body starting
+    with a ZIP signature; the answer is then a JSON array, see accelerator.api.archive). Small
+    bodies are handled in memory; larger ones (or bodies of unknown length) are streamed to a
+    file first, so memory stays bounded by MEMORY_UPLOAD."""
+    from accelerator.api import archive  # it imports this module
+    from accelerator.zipfiles import is_zip
+
     store = _store(request)
     limit = request.app.state.config.maximum_request_body_bytes
     client = request.client.host if request.client else ""
@@ -216,12 +222,20 @@ async def post_instances(request: Request) -> Response:
         body = await read_body(request, limit)
         if not body:
             raise BadRequest("The body is empty: POST /instances expects a DICOM file")
+        if is_zip(body):
+            return await archive.post_zip_instances(request, body)
         outcome = await to_thread.run_sync(lambda: store.ingest_bytes(body, remote_ip=client))
     else:
         path, size, md5 = await receive_to_file(request, limit, store.area.work)
         try:
             if not size:
                 raise BadRequest("The body is empty: POST /instances expects a DICOM file")
+            def first_bytes() -> bytes:
+                with open(path, "rb") as f:
+                    return f.read(4)
+
+            if is_zip(await to_thread.run_sync(first_bytes)):
+                return await archive.post_zip_instances(request, path)
             upload = FileToIngest(path, size, md5)
             outcome = await to_thread.run_sync(lambda: store.ingest_upload(upload, remote_ip=client))
         finally:

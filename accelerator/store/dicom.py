@@ -1,8 +1,22 @@
 """Read what the index needs from a DICOM file: identifiers, main tags, a few metadata.
 
-Values are taken from the raw element bytes and decoded with the file's SpecificCharacterSet, so
-that main tags keep their original text ("1.0000\\0.0000", not a float) and IDs are hashed from
-exactly the strings Orthanc hashes (spec 14).
+Values are taken from the raw element bytes as Orthanc's `FromDcmtkBridge::ConvertLeafElement`
+takes them, so that main tags keep their original text ("1.0000\\0.0000", not a float) and IDs
+are hashed from exactly the strings Orthanc hashes (spec 14):
+
+- a string VR (CS, DS, LO, PN, UI...) loses its trailing padding and is decoded with the file's
+  SpecificCharacterSet (Latin-1 without one, Orthanc's default encoding);
+- a binary number (US, SS, UL, SL, FL, FD) is printed as a number, never through the character
+  set (FL/FD with 9/17 significant digits, as `boost::lexical_cast`);
+- an element written with VR UN is kept as Orthanc keeps it (DICOM CP 246): when the dictionary
+  gives the tag a string VR, its bytes less one trailing NUL, decoded with the character set
+  (a private tag only when it is plain ASCII), trailing spaces included; otherwise it is binary,
+  and a binary value is never a main tag (Orthanc's `ResourcesContent` skips it);
+- AT is "gggg,eeee"; other binary VRs (OB, OW, UN...) and sequences have no value.
+
+As in Orthanc's `ResourcesContent::AddResource`, the patient's main tags are also kept at the
+study level ("duplicate the patient tags at the study level"), so that a study reports the
+patient tags of its own instances even when several studies share one (empty) PatientID.
 """
 
 from __future__ import annotations
@@ -19,7 +33,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_partial
 
-from protocol.errors import BadFileFormat
+from protocol.errors import BadFileFormat, InexistentTag
 from protocol.resources import Level, ResourceIds, resource_ids, strip_padding
 
 # Orthanc's default main DICOM tags per level (what /patients/{id} etc. report).
@@ -54,6 +68,10 @@ _TEXT_DELIMITERS = {
     "LT": {0x0D, 0x0A, 0x09, 0x0C},
     "UT": {0x0D, 0x0A, 0x09, 0x0C},
 }
+PATIENT_TAGS = frozenset(MAIN_TAGS[Level.PATIENT])
+
+_STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                         "TM", "UC", "UI", "UR", "UT"})
 _LAST_MAIN_TAG = max(tag_for_keyword(kw) for names in MAIN_TAGS.values() for kw in names)
 
 
@@ -87,6 +105,21 @@ def parse_file(path: str | os.PathLike) -> ParsedInstance:
         return _parse(f, os.fstat(f.fileno()).st_size)
 
 
+def parse_stream(stream: BinaryIO) -> ParsedInstance:
+    """A stored file opened for reading (only its header is read)."""
+    return _parse(stream, 0)
+
+
+def study_tags(tags: dict[str, str]) -> dict[str, str]:
+    """The study's own main tags out of the study-level JSON (which also holds the patient's)."""
+    return {k: v for k, v in tags.items() if k not in PATIENT_TAGS}
+
+
+def patient_tags_of_study(tags: dict[str, str]) -> dict[str, str]:
+    """The patient tags kept at the study level (Orthanc's `PatientMainDicomTags`)."""
+    return {k: v for k, v in tags.items() if k in PATIENT_TAGS}
+
+
 def read_tag(source: str | os.PathLike | BinaryIO, name: str) -> str | None:
     """One tag (keyword or 'gggg,eeee') of a stored file, decoded like main tags; None if absent."""
     ds = pydicom.dcmread(source, stop_before_pixels=True, force=True)
@@ -110,6 +143,10 @@ def keyword_of(name: str) -> str:
     return (keyword_for_tag(tag) or name) if tag is not None else name
 
 
+_UID_TAGS = (("StudyInstanceUID", 0x0020000D), ("SeriesInstanceUID", 0x0020000E),
+             ("SOPInstanceUID", 0x00080018))
+
+
 def _parse(stream: BinaryIO, size: int) -> ParsedInstance:
     try:
         ds = read_partial(stream, stop_when=_past_main_tags, force=True)
@@ -118,8 +155,8 @@ def _parse(stream: BinaryIO, size: int) -> ParsedInstance:
             level: {kw: v for kw in names if (v := _value(ds, tag_for_keyword(kw), encodings)) is not None}
             for level, names in MAIN_TAGS.items()
         }
-        uids = [_value(ds, tag_for_keyword(kw), encodings) for kw in
-                ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+        absent = [kw for kw, tag in _UID_TAGS if ds.get_item(tag) is None]
+        uids = [_value(ds, tag, encodings) for _, tag in _UID_TAGS]
         patient_id = _value(ds, 0x00100020, encodings) or ""
         sop_class = _value(ds, 0x00080016, encodings) or ""
         transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
@@ -127,12 +164,13 @@ def _parse(stream: BinaryIO, size: int) -> ParsedInstance:
         raise
     except Exception as exc:  # pydicom raises many types on garbage input
         raise BadFileFormat(f"Cannot parse an invalid DICOM file (size: {size} bytes)") from exc
-    missing = [kw for kw, uid in zip(("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"), uids)
-               if not uid]
-    if len(missing) == 3:
+    if len(absent) == len(_UID_TAGS):  # nothing of an instance: not DICOM at all
         raise BadFileFormat(f"Cannot parse an invalid DICOM file (size: {size} bytes)")
-    if missing:
-        raise BadFileFormat(f"Missing mandatory tag(s): {', '.join(missing)} (size: {size} bytes)")
+    if absent:  # Orthanc: DicomMap::GetValue in DicomInstanceHasher -> ErrorCode_InexistentTag
+        raise InexistentTag(f"Missing tag(s) {', '.join(absent)} (size: {size} bytes)")
+    if not all(uids):  # present but empty: DicomInstanceHasher::Setup
+        raise BadFileFormat("missing StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID")
+    values[Level.STUDY] = {**values[Level.PATIENT], **values[Level.STUDY]}
     number = values[Level.INSTANCE].get("InstanceNumber") or values[Level.INSTANCE].get("ImageIndex")
     return ParsedInstance(
         ids=resource_ids(patient_id, *uids),  # type: ignore[arg-type]
@@ -156,7 +194,15 @@ def _encodings(ds: pydicom.Dataset) -> list[str]:
         return convert_encodings(None)
 
 
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:  # private or unknown: DCMTK reads it as UN
+        return "UN"
+
+
 def _value(ds: pydicom.Dataset, tag: int | None, encodings: list[str]) -> str | None:
+    """The element as Orthanc's ConvertLeafElement renders it; None for absent or binary."""
     if tag is None:
         return None
     elem = ds.get_item(tag)
@@ -170,21 +216,55 @@ def _value(ds: pydicom.Dataset, tag: int | None, encodings: list[str]) -> str | 
             return "\\".join(str(v) for v in value)
         return strip_padding(str(value))
     raw: bytes = elem.value or b""
-    vr = elem.VR or dictionary_VR(tag)
-    if vr == "SQ":
-        return None
+    vr = elem.VR or _dictionary_vr(tag)  # implicit VR: the dictionary's, as DCMTK
+    if vr == "UN":
+        return _unknown_vr(tag, raw, encodings)
+    if vr == "US or SS":  # implicit VR: DCMTK decides by PixelRepresentation
+        vr = "SS" if _pixel_representation(ds) == 1 else "US"
+    if vr in _STRING_VRS:
+        return strip_padding(_decode(raw, vr, encodings))
     if vr in _BINARY_FORMATS:
-        fmt = _BINARY_FORMATS[vr]
-        width = struct.calcsize(fmt)
-        order = "<" if elem.is_little_endian else ">"
-        count = len(raw) // width
-        numbers = struct.unpack(f"{order}{count}{fmt}", raw[: count * width])
-        return "\\".join(str(n) for n in numbers)
-    if vr in _TEXT_DELIMITERS:
-        text = decode_bytes(raw, encodings, _TEXT_DELIMITERS[vr])
-    else:
-        text = raw.decode("latin-1")
-    return strip_padding(text)
+        return _numbers(raw, vr, elem.is_little_endian)
+    if vr == "AT" and len(raw) >= 4:
+        group, element = struct.unpack("<HH" if elem.is_little_endian else ">HH", raw[:4])
+        return f"{group:04x},{element:04x}"
+    return None  # OB, OW, OF, SQ, ...: binary, never a main tag
+
+
+def _unknown_vr(tag: int, raw: bytes, encodings: list[str]) -> str | None:
+    """An element written with VR UN (DICOM CP 246), kept as Orthanc keeps it."""
+    private = (tag >> 16) % 2 == 1
+    if not private and _dictionary_vr(tag) not in _STRING_VRS:
+        return None  # e.g. US written as UN: binary for Orthanc, so no main tag
+    if raw and len(raw) % 2 == 0 and raw[-1] == 0:
+        raw = raw[:-1]  # only the trailing NUL padding goes; trailing spaces stay
+    if private:  # only a plain ASCII private value is a string
+        return raw.decode("ascii") if all(b < 128 for b in raw) else None
+    return _decode(raw, _dictionary_vr(tag), encodings)
+
+
+def _decode(raw: bytes, vr: str, encodings: list[str]) -> str:
+    """Bytes of a string VR through the character set (Orthanc's Toolbox::ConvertToUtf8)."""
+    return decode_bytes(raw, encodings, _TEXT_DELIMITERS.get(vr, {0x5C}))
+
+
+def _numbers(raw: bytes, vr: str, little_endian: bool) -> str:
+    fmt = _BINARY_FORMATS[vr]
+    width = struct.calcsize(f"<{fmt}")  # standard sizes: native "l" would be 8 bytes here
+    count = len(raw) // width
+    numbers = struct.unpack(f"{'<' if little_endian else '>'}{count}{fmt}", raw[: count * width])
+    if vr == "FL":  # boost::lexical_cast<std::string>: max_digits10 significant digits
+        return "\\".join(f"{n:.9g}" for n in numbers)
+    if vr == "FD":
+        return "\\".join(f"{n:.17g}" for n in numbers)
+    return "\\".join(str(n) for n in numbers)
+
+
+def _pixel_representation(ds: pydicom.Dataset) -> int:
+    elem = ds.get_item(0x00280103)
+    if isinstance(elem, RawDataElement) and elem.value and len(elem.value) >= 2:
+        return struct.unpack("<H" if elem.is_little_endian else ">H", elem.value[:2])[0]
+    return 0
 
 
 def _to_int(text: str | None) -> int | None:
