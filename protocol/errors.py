@@ -16,6 +16,7 @@ so that the whole hierarchy reads in one page:
         ├── ParameterOutOfRange  400 / 3    a value outside its allowed set or range
         ├── BadParameterType     400 / 5    a GET argument of the wrong type
         ├── BadFileFormat        400 / 15   not DICOM, or a protocol object with bad fields
+        │   └── InexistentTag    404 / 21   a DICOM file without a tag Orthanc requires
         ├── BadSequenceOfCalls   400 / 6    a call that does not fit the resource's state
         ├── BodyTooLarge         413 / 8    request body above the configured limit
         ├── Unauthorized         401 / 29   missing or wrong credentials
@@ -27,6 +28,7 @@ so that the whole hierarchy reads in one page:
         ├── InternalError        500 / -1
         ├── ServiceBusy          503 / 36   every slot taken; retry later (Retry-After)
         ├── JobFailed            500 / the job's ErrorCode: a job run synchronously failed
+        ├── UnknownDicomTag      400 / 27   a tag name the dictionary does not know
         └── FullStorage          507 / 14   no space left for what was sent (as Orthanc)
 """
 
@@ -92,6 +94,14 @@ class BadFileFormat(OrthancError):
     http_status, orthanc_status, message = 400, 15, "Bad file format"
 
 
+class InexistentTag(BadFileFormat):
+    """A tag that must be there is absent, e.g. an uploaded file without StudyInstanceUID: Orthanc
+    answers 404 "Inexistent tag" (`DicomMap::GetValue` in `DicomInstanceHasher`). A kind of bad
+    file, so that the code that refuses a bad transferred file refuses this one too."""
+
+    http_status, orthanc_status, message = 404, 21, "Inexistent tag"
+
+
 class BadSequenceOfCalls(OrthancError):
     """E.g. a bucket PUT while its push transaction is being committed."""
 
@@ -149,6 +159,13 @@ class JobFailed(OrthancError):
     def __init__(self, details: str, *, code: int, description: str):
         super().__init__(details)
         self.orthanc_status, self.message = code, description
+
+
+class UnknownDicomTag(OrthancError):
+    """A tag name the DICOM dictionary does not know. Orthanc answers it with HTTP 500; we answer
+    400, since the name comes from the request."""
+
+    http_status, orthanc_status, message = 400, 27, "Unknown DICOM tag"
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,30 @@ from protocol.resources import Level
 
 DICOM_ATTACHMENT = 1
 INDEX_FILE = "accelerator-index.sqlite"
+
+# The changes log (GET /changes): Orthanc's ChangeType values (ServerEnumerations.h) of the
+# changes Orthanc writes to its index for what we do. `Deleted` is not one of them: Orthanc only
+# signals it to plugins, and the changes of a deleted resource leave the log with it.
+NEW_INSTANCE, NEW_PATIENT, NEW_SERIES, NEW_STUDY = 2, 3, 4, 5
+STABLE_PATIENT, STABLE_STUDY, STABLE_SERIES = 12, 13, 14
+CHANGE_TYPES = {1: "CompletedSeries", NEW_INSTANCE: "NewInstance", NEW_PATIENT: "NewPatient",
+                NEW_SERIES: "NewSeries", NEW_STUDY: "NewStudy", STABLE_PATIENT: "StablePatient",
+                STABLE_STUDY: "StableStudy", STABLE_SERIES: "StableSeries"}
+_NEW = {Level.PATIENT: NEW_PATIENT, Level.STUDY: NEW_STUDY, Level.SERIES: NEW_SERIES, Level.INSTANCE: NEW_INSTANCE}
+_STABLE = {Level.PATIENT: STABLE_PATIENT, Level.STUDY: STABLE_STUDY, Level.SERIES: STABLE_SERIES}
+MAX_CHANGES = 1_000_000  # entries the log keeps; older ones are pruned (Orthanc's log is unbounded)
+STABLE_AGE = 60  # seconds without a new instance before a patient/study/series is stable (Orthanc's default)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of the changes log."""
+
+    seq: int
+    change_type: int
+    level: Level
+    public_id: str
+    date: str
 
 
 @dataclass(frozen=True)
@@ -83,6 +108,12 @@ class Index:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._write_lock = threading.RLock()  # re-entered by store_instances, see there
+        # Patients, studies and series that received an instance less than STABLE_AGE seconds
+        # ago, oldest first: row -> (level, public ID, monotonic and wall time of the last one).
+        # In memory, as Orthanc's: a restart forgets them (their Stable* change never comes).
+        self._unstable: OrderedDict[int, tuple[Level, str, float, float]] = OrderedDict()
+        self._unstable_lock = threading.Lock()
+        self.stable_age = STABLE_AGE
         self._writer = self._connect()
         self._writer.execute("PRAGMA journal_mode = WAL")
         if schema.is_empty(self._writer):
@@ -149,15 +180,21 @@ class Index:
         delete (and so remove) a file that is not in its place yet.
         """
         now = timestamp()
+        touched: list[tuple[int, Level, str]] = []  # ancestors that become (again) unstable
         with self._write_lock:
             with self._write() as c:
-                outcomes = [self._store_instance(c, *item, overwrite, now) for item in items]
+                self._log_stable(c)  # before the new entries: the log stays in time order
+                outcomes = [self._store_instance(c, *item, overwrite, now, touched) for item in items]
+                self._prune_changes(c)
             on_commit(outcomes)
+            self._mark_unstable(touched)
         return outcomes
 
     def _store_instance(self, c, parsed: ParsedInstance, stored: StoredFile, metadata: dict[str, str],
-                        overwrite: bool, now: str) -> Outcome:
-        """One instance of `store_instances`; a replaced file goes to the trash."""
+                        overwrite: bool, now: str, touched: list[tuple[int, Level, str]]) -> Outcome:
+        """One instance of `store_instances`; a replaced file goes to the trash. Logs the
+        changes Orthanc logs, in its order: NewInstance, then NewSeries, NewStudy, NewPatient
+        for the resources it creates."""
         ids = parsed.ids
         existing = c.execute("SELECT id FROM resources WHERE public_id = ?", (ids.instance,)).fetchone()
         if existing and not overwrite:
@@ -165,6 +202,7 @@ class Index:
         replaced = None
         if existing:
             row = existing[0]
+            self._log_overwrite(c, row, now)
             old = c.execute(
                 "SELECT uuid FROM attachments WHERE resource = ? AND content_type = ?",
                 (row, DICOM_ATTACHMENT),
@@ -178,10 +216,21 @@ class Index:
             replaced = old[0] if old else None
             if replaced:
                 c.execute("INSERT OR IGNORE INTO trash(uuid) VALUES (?)", (replaced,))
+            for level, public_id in reversed(list(zip(Level, ids))[:-1]):  # series, study, patient
+                parent = c.execute("SELECT id FROM resources WHERE public_id = ?", (public_id,)).fetchone()[0]
+                touched.append((parent, level, public_id))
         else:
             row = None
+            created, ancestors = [], []
             for level, public_id in zip(Level, ids):
-                row = self._ensure(c, level, public_id, row, parsed.tags[level], now)
+                row, new = self._ensure(c, level, public_id, row, parsed.tags[level], now)
+                if new:
+                    created.append((row, level))
+                if level is not Level.INSTANCE:
+                    ancestors.append((row, level, public_id))
+            for new_row, level in reversed(created):  # instance first, up to the patient
+                self._log_change(c, _NEW[level], new_row, level, now)
+            touched.extend(reversed(ancestors))  # series, study, patient: the order Orthanc marks them
         c.execute(
             "INSERT INTO attachments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (row, DICOM_ATTACHMENT, stored.uuid, stored.size, stored.md5,
@@ -192,14 +241,117 @@ class Index:
         return Outcome("Success", parsed, replaced)
 
     @staticmethod
-    def _ensure(c, level: Level, public_id: str, parent: int | None, tags: dict, now: str) -> int:
+    def _ensure(c, level: Level, public_id: str, parent: int | None, tags: dict, now: str) -> tuple[int, bool]:
+        """The resource's row, and whether it was created now."""
         row = c.execute("SELECT id FROM resources WHERE public_id = ?", (public_id,)).fetchone()
         if row:
-            return row[0]
+            return row[0], False
         return c.execute(
             "INSERT INTO resources(level, public_id, parent, main_tags, last_update) VALUES (?, ?, ?, ?, ?)",
             (int(level), public_id, parent, orjson.dumps(tags), now),
-        ).lastrowid
+        ).lastrowid, True
+
+    # -- changes log -------------------------------------------------------------------------
+
+    @staticmethod
+    def _log_change(c, change_type: int, row: int, level: Level, date: str) -> None:
+        c.execute("INSERT INTO changes(change_type, resource, level, date) VALUES (?, ?, ?, ?)",
+                  (change_type, row, int(level), date))
+
+    def _log_overwrite(self, c, row: int, now: str) -> None:
+        """An overwritten instance, as Orthanc records it: Orthanc deletes the old instance (and
+        the ancestors it leaves empty, with their changes) and creates it again, so the log
+        forgets their past entries and gets NewInstance (NewSeries...) again."""
+        recreated = []
+        while row is not None:
+            level, parent = c.execute("SELECT level, parent FROM resources WHERE id = ?", (row,)).fetchone()
+            recreated.append((row, Level(level)))
+            if parent is None or c.execute(
+                    "SELECT count(*) FROM resources WHERE parent = ?", (parent,)).fetchone()[0] > 1:
+                break
+            row = parent
+        for old, level in recreated:
+            c.execute("DELETE FROM changes WHERE resource = ?", (old,))
+            self._log_change(c, _NEW[level], old, level, now)
+
+    def _prune_changes(self, c) -> None:
+        """Keep the log within MAX_CHANGES entries (a range delete on the key: cheap)."""
+        last = self._last_seq(c)
+        if last > MAX_CHANGES:
+            c.execute("DELETE FROM changes WHERE seq <= ?", (last - MAX_CHANGES,))
+
+    @staticmethod
+    def _last_seq(c) -> int:
+        """The last sequence number ever given (0 if none): it survives DELETE /changes."""
+        row = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        return row[0] if row else 0
+
+    def _mark_unstable(self, touched: list[tuple[int, Level, str]]) -> None:
+        now, wall = time.monotonic(), time.time()
+        with self._unstable_lock:
+            for row, level, public_id in touched:
+                self._unstable.pop(row, None)
+                self._unstable[row] = (level, public_id, now, wall)  # most recent last
+
+    def _due_stable(self) -> list[tuple[int, Level, str, float]]:
+        """Take the resources whose last instance came more than `stable_age` seconds ago."""
+        due = []
+        limit = time.monotonic() - self.stable_age
+        with self._unstable_lock:
+            while self._unstable:
+                row, (level, public_id, last, wall) = next(iter(self._unstable.items()))
+                if last >= limit:
+                    break
+                del self._unstable[row]
+                due.append((row, level, public_id, wall))
+        return due
+
+    def _log_stable(self, c) -> None:
+        """Log StableSeries/StableStudy/StablePatient for the resources now stable, dated when
+        they became so (Orthanc's monitor logs them then; we log them at the next write or
+        read of the log, which keeps both the order and the dates)."""
+        for row, level, public_id, wall in self._due_stable():
+            alive = c.execute("SELECT 1 FROM resources WHERE id = ? AND public_id = ?", (row, public_id)).fetchone()
+            if alive:  # a deleted one gets no entry (Orthanc's insert fails on it)
+                date = time.strftime("%Y%m%dT%H%M%S", time.gmtime(wall + self.stable_age))
+                self._log_change(c, _STABLE[level], row, level, date)
+
+    def flush_stable(self) -> None:
+        """Log the Stable* changes that are due (before the log is read)."""
+        with self._unstable_lock:
+            due = bool(self._unstable) and next(iter(self._unstable.values()))[2] < time.monotonic() - self.stable_age
+        if due:
+            with self._write() as c:
+                self._log_stable(c)
+
+    def changes(self, since: int, limit: int) -> tuple[list[Change], bool, int]:
+        """Orthanc's GetChanges: entries after `since`, at most `limit`; whether they reach the
+        end of the log; and the last sequence number (of the last entry, or the log's)."""
+        self.flush_stable()
+        rows = self._reader.execute(
+            """SELECT c.seq, c.change_type, c.level, r.public_id, c.date
+               FROM changes c JOIN resources r ON r.id = c.resource
+               WHERE c.seq > ? ORDER BY c.seq LIMIT ?""", (since, limit + 1)).fetchall()
+        done = len(rows) <= limit
+        entries = [Change(r[0], r[1], Level(r[2]), r[3], r[4]) for r in rows[:limit]]
+        return entries, done, entries[-1].seq if entries else self._last_seq(self._reader)
+
+    def last_change(self) -> tuple[list[Change], int]:
+        """Orthanc's `?last`: the last entry (if any) and the last sequence number."""
+        self.flush_stable()
+        rows = self._reader.execute(
+            """SELECT c.seq, c.change_type, c.level, r.public_id, c.date
+               FROM changes c JOIN resources r ON r.id = c.resource ORDER BY c.seq DESC LIMIT 1""").fetchall()
+        entries = [Change(r[0], r[1], Level(r[2]), r[3], r[4]) for r in rows]
+        return entries, entries[-1].seq if entries else self._last_seq(self._reader)
+
+    def last_change_seq(self) -> int:
+        return self._last_seq(self._reader)
+
+    def clear_changes(self) -> None:
+        """DELETE /changes: the log is emptied; sequence numbers go on from where they were."""
+        with self._write() as c:
+            c.execute("DELETE FROM changes")
 
     @staticmethod
     def _touch_ancestors(c, row: int, now: str) -> None:
@@ -406,3 +558,38 @@ class Index:
     def delete_jobs(self, job_ids: Iterable[str]) -> None:
         with self._write() as c:
             c.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in job_ids])
+
+    # -- read-only scans for POST /tools/find and /tools/lookup (accelerator.api.find) ---------
+
+    def scan(self, level: Level, batch: int = 1000) -> Iterator[tuple[int, str, int | None, dict[str, str]]]:
+        """(row, public ID, parent row, main tags) of every resource at `level`, in row order,
+        fetched `batch` rows at a time (memory stays flat whatever the number of resources)."""
+        cursor = self._reader.execute(
+            "SELECT id, public_id, parent, main_tags FROM resources WHERE level = ? ORDER BY id", (int(level),))
+        try:
+            while rows := cursor.fetchmany(batch):
+                for row in rows:
+                    yield row[0], row[1], row[2], orjson.loads(row[3])
+        finally:
+            cursor.close()
+
+    def main_tag_values(self, level: Level, keyword: str, batch: int = 1000) -> Iterator[tuple[str, str | None]]:
+        """(public ID, value of one main tag, None if absent) of every resource at `level`, in
+        row order; SQLite extracts the value, no JSON is decoded here."""
+        cursor = self._reader.execute(
+            "SELECT public_id, json_extract(CAST(main_tags AS TEXT), ?) FROM resources WHERE level = ? ORDER BY id",
+            (f'$."{keyword}"', int(level)))
+        try:
+            while rows := cursor.fetchmany(batch):
+                yield from rows
+        finally:
+            cursor.close()
+
+    def labels_at(self, level: Level) -> dict[int, set[str]]:
+        """The labels of every labelled resource at `level`, by row."""
+        labels: dict[int, set[str]] = {}
+        for row, label in self._reader.execute(
+                "SELECT l.resource, l.label FROM labels l JOIN resources r ON r.id = l.resource WHERE r.level = ?",
+                (int(level),)):
+            labels.setdefault(row, set()).add(label)
+        return labels

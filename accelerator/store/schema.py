@@ -12,7 +12,7 @@ import sqlite3
 
 from protocol.errors import IndexVersionError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Version 1: resources, their main tags, DICOM attachments and metadata.
 _VERSION_1 = """
@@ -72,7 +72,21 @@ CREATE TABLE jobs (
 );
 """
 
-UPGRADES = {1: _VERSION_2, 2: _VERSION_3}  # from version N to N + 1
+# Version 4: Orthanc's changes log (GET /changes), written in the transaction of the ingest it
+# records. As in Orthanc's own index, the changes of a resource go with it when it is deleted,
+# and `seq` is never reused (AUTOINCREMENT), even after DELETE /changes.
+_VERSION_4 = """
+CREATE TABLE changes (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    change_type INTEGER NOT NULL,              -- Orthanc's ChangeType (2 NewInstance, 12 StablePatient...)
+    resource    INTEGER NOT NULL REFERENCES resources(id) ON DELETE CASCADE,
+    level       INTEGER NOT NULL,              -- protocol.resources.Level
+    date        TEXT    NOT NULL               -- ISO basic, UTC, as Orthanc's
+);
+CREATE INDEX changes_resource ON changes(resource);
+"""
+
+UPGRADES = {1: _VERSION_2, 2: _VERSION_3, 3: _VERSION_4}  # from version N to N + 1
 
 
 def version_of(conn: sqlite3.Connection) -> int:

@@ -28,6 +28,7 @@ import httpx
 import orjson
 from anyio import to_thread
 
+from accelerator import metrics
 from accelerator.jobs.base import JobContext, JobFailure
 from accelerator.peers import PeerClient, Peers
 from accelerator.store import Store
@@ -173,10 +174,12 @@ class PullDriver:
         counters = Counters(len(buckets), completed=len(download.done))
 
         async def fetch(index: int) -> None:
-            writer = await self._fetch(peer, query, buckets[index], index, download.area)
+            with metrics.in_flight(metrics.PULL):
+                writer = await self._fetch(peer, query, buckets[index], index, download.area)
             await to_thread.run_sync(download.landed, index, writer)
             download.done.add(index)
             download.received += writer.received
+            metrics.bucket_done(metrics.PULL, writer.received)
             counters.bucket_done(writer.received)
             ctx.report(content=counters.content("DownloadedSizeMB", download.received),
                        progress=counters.progress)

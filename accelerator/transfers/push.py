@@ -14,6 +14,7 @@ from typing import Any
 
 from anyio import to_thread
 
+from accelerator import metrics
 from accelerator.jobs.base import JobContext, JobFailure
 from accelerator.peers import SMALL_ANSWER, Peers
 from accelerator.store import Store
@@ -167,7 +168,7 @@ class PushDriver:
 
         async def put(index: int) -> None:
             nonlocal sent
-            async with self.memory.hold(bucket_size(buckets[index])):  # bounded whatever Threads is
+            async with self.memory.hold(bucket_size(buckets[index])), metrics.in_flight(metrics.PUSH):  # bounded
                 body = await to_thread.run_sync(self._payload, buckets[index], query.compression)
                 response = await peer.request(
                     "PUT", f"{state['transaction']}/{index}", content=body, headers=headers,
@@ -176,6 +177,7 @@ class PushDriver:
                 raise TransactionLost()
             done.add(index)
             sent += len(body)
+            metrics.bucket_done(metrics.PUSH, len(body))
             counters.bucket_done(len(body))
             state.update(done=sorted(done), sent=sent)
             await ctx.save(dict(state), content=counters.content("UploadedSizeMB", sent),

@@ -32,6 +32,7 @@ import anyio
 import orjson
 from anyio import to_thread
 
+from accelerator import metrics
 from accelerator.store import Store
 from accelerator.transfers.download import Assembly, DownloadArea, LandedLog, PayloadWriter, ensure_free_space
 from protocol.chunks import scatter_ranges
@@ -173,6 +174,7 @@ class PushReceiver:
         tx = self._transaction(tx_id, plan, set())
         with self._lock:
             self._transactions[tx_id] = tx
+        metrics.push_created()
         return tx_id
 
     def _make_room(self) -> None:
@@ -187,6 +189,7 @@ class PushReceiver:
                         headers={"Retry-After": "1"})
                 victim = min(candidates, key=lambda t: t.last_activity)
                 victims.append(self._close(victim))
+        metrics.push_aborted(len(victims))
         for victim in victims:
             log.warning("evicted push transaction %s, unused for %.0f s (MaxPushTransactions reached)",
                         victim.id, time.monotonic() - victim.last_activity)
@@ -200,6 +203,7 @@ class PushReceiver:
         with self._lock:
             expired = [self._close(t) for t in list(self._transactions.values())
                        if t.evictable and now - t.last_activity >= self.idle_timeout]
+        metrics.push_aborted(len(expired))
         for tx in expired:
             log.warning("push transaction %s expired: no request for %.0f s (PushTransactionTimeout)",
                         tx.id, now - tx.last_activity)
@@ -245,6 +249,7 @@ class PushReceiver:
             tx.in_flight.add(index)
             tx.busy += 1
             tx.touch()
+        metrics.PLUGIN.reception_started(tx.id, index)
         return tx, index
 
     def bucket_writer(self, tx: Transaction, index: int) -> PayloadWriter:
@@ -265,11 +270,13 @@ class PushReceiver:
             raise
         tx.assembly.landed(index, writer.digests, claimed)
         tx.log.landed(index, writer.received)
+        metrics.push_bucket_received(writer.received)
         with self._lock:
             tx.landed.add(index)
         self._check_open(tx)  # discarded meanwhile: the pusher must not believe it landed
 
     def end_bucket(self, tx: Transaction, index: int) -> None:
+        metrics.PLUGIN.reception_ended(tx.id, index)
         with self._lock:
             tx.busy -= 1
             tx.in_flight.discard(index)
@@ -323,6 +330,7 @@ class PushReceiver:
 
     def _store(self, tx: Transaction) -> int:
         """Verify and store (blocking); closes the transaction when its instances are stored."""
+        started = time.monotonic()
         bad = tx.assembly.settle(self.commit_threads)
         if bad:
             shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
@@ -333,6 +341,7 @@ class PushReceiver:
             raise CorruptedFile(f"Cannot import a transferred DICOM instance: {exc}") from exc
         with self._lock:
             self._close(tx)
+        metrics.push_committed(time.monotonic() - started)
         return len(tx.plan.instances)
 
     def discard(self, tx_id: str) -> None:
@@ -345,6 +354,7 @@ class PushReceiver:
                 raise BadSequenceOfCalls(f"Push transaction {tx_id} is being committed")
             self._close(tx)
             idle = not tx.busy
+        metrics.push_aborted()
         if idle:
             tx.remove_files()
 
