@@ -1,4 +1,4 @@
-"""Command line: `accelerator serve | import | send | pull | jobs | peers | storage | --version`."""
+"""Command line: `accelerator serve | import | send | pull | find | jobs | peers | storage | --version`."""
 
 from __future__ import annotations
 
@@ -51,8 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--verbose", action="store_true", help="debug logging and an access log")
     serve.set_defaults(run=_serve)
 
-    imp = commands.add_parser("import", help="upload DICOM files and folders to a running daemon")
-    imp.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (walked recursively)")
+    imp = commands.add_parser(
+        "import", help="upload DICOM files, folders and ZIP archives to a running daemon",
+        description="Upload every DICOM file found (folders are walked, ZIP archives read member by "
+                    "member), then print the studies that received instances and the files skipped.")
+    imp.add_argument("paths", nargs="+", metavar="PATH",
+                     help="files, folders (walked recursively) or ZIP archives")
     imp.add_argument("--jobs", type=int, default=4, help="parallel uploads (default: %(default)s)")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
     _connection_arguments(imp)
@@ -69,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8042", help="daemon URL (default: %(default)s)")
-    parser.add_argument("--username", default="", help="HTTP Basic user")
-    parser.add_argument("--password", default="", help="HTTP Basic password")
+    parser.add_argument("--username", default="", help="HTTP Basic user of the daemon")
+    parser.add_argument("--password", default="", help="HTTP Basic password of the daemon")
 
 
 def _tune_malloc() -> None:

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import ssl
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from typing import Any
@@ -40,7 +41,7 @@ import httpx
 import orjson
 from anyio import to_thread
 
-from accelerator import __version__
+from accelerator import __version__, metrics
 from accelerator.config import Config, Peer
 from protocol.errors import NetworkProtocol, UnknownResource
 
@@ -419,6 +420,7 @@ class PeerClient:
                         f"{failure.cause}"
                     ) from None
                 wait = self.backoff(attempt, failure.wait_hint)
+                metrics.retried(self.peer.name)
                 log.warning(
                     "%s: %s failed (attempt %d of %d): %s; retrying in %.2f s",
                     self._who(), self._what(method, path, what), attempt, extra + 1,
@@ -670,3 +672,103 @@ class Peers:
             for name in self._clients:
                 group.start_soon(run, name)
         return results
+
+
+# -- what the CLI asks about peers (new module-level functions; routes: see each docstring) --------
+
+_NOT_200 = frozenset(range(300, 600))
+_JOB_ID = frozenset("0123456789abcdefABCDEF-")
+_ORTHANC_ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
+
+
+def _cause(exc: NetworkProtocol) -> str:
+    """The last cause of a failed call, without the "peer ... failed after N attempts:" prefix."""
+    details = exc.details or str(exc)
+    marker = " attempt: " if " attempt: " in details else " attempts: "
+    return details.split(marker, 1)[1] if marker in details else details
+
+
+async def probe_with_reason(peers: Peers, name: str) -> tuple[str, str]:
+    """`Peers.probe` with the reason of a "disabled": (state, reason), the reason empty when the
+    peer runs the transfers plugin. One attempt, bounded by `PeerConnectivityTimeout`.
+
+    Reasons: "unreachable: ..." (refused, timed out, TLS...), "credentials refused (HTTP 401)",
+    "redirected ...", "GET /plugins answered HTTP n", "GET /plugins did not answer JSON",
+    "no transfers plugin (plugins: ...)". For the route `GET /transfers/remote`.
+    """
+    client = peers.get(name)
+    timeout = float(peers.config.transfers.peer_connectivity_timeout)
+    try:
+        response = await client.request("GET", "/plugins", timeout=timeout, retries=0, what="detection",
+                                        max_body=SMALL_ANSWER, accept_statuses=_NOT_200)
+    except NetworkProtocol as exc:
+        return DISABLED, f"unreachable: {_cause(exc)}"
+    status = response.status_code
+    if status in (401, 403):
+        return DISABLED, (f"credentials refused (HTTP {status}): check Username and Password of "
+                          f"peer {name!r} in OrthancPeers")
+    if 300 <= status < 400:
+        return DISABLED, _redirect(response)
+    if status != 200:
+        return DISABLED, f"GET /plugins answered HTTP {status} {response.reason_phrase}".rstrip()
+    try:
+        plugins = json_answer(response)
+    except NetworkProtocol:
+        return DISABLED, f"GET /plugins did not answer JSON: {_snippet(response.content) or '(empty body)'}"
+    if not isinstance(plugins, list) or "transfers" not in plugins:
+        shown = ", ".join(map(str, plugins)) if isinstance(plugins, list) else _snippet(response.content)
+        return DISABLED, f"no transfers plugin (plugins: {shown or 'none'})"
+    return (BIDIRECTIONAL if client.peer.remote_self is not None else INSTALLED), ""
+
+
+async def detect_with_reasons(peers: Peers) -> dict[str, dict[str, str]]:
+    """Every peer -> {"State": ..., "Reason": ...}, probed concurrently. `GET /transfers/peers`
+    stays the plugin's {name: state}; this is the answer of `GET /transfers/remote`."""
+    results = {name: {"State": DISABLED, "Reason": "not probed"} for name in peers.names()}
+
+    async def run(name: str) -> None:
+        try:
+            state, reason = await probe_with_reason(peers, name)
+            results[name] = {"State": state, "Reason": reason}
+        except Exception as exc:  # never let one probe decide for the others
+            log.exception("detection of peer %r crashed", name)
+            results[name] = {"State": DISABLED, "Reason": f"detection crashed: {type(exc).__name__}"}
+
+    async with anyio.create_task_group() as group:
+        for name in peers.names():
+            group.start_soon(run, name)
+    return results
+
+
+async def remote_job(peers: Peers, name: str, job_id: str) -> Any:
+    """The peer's `GET /jobs/{id}`, with the peer's credentials from the configuration: how a
+    client follows the job of a bidirectional send (the peer pulls from us) without holding the
+    peer's secrets. For the route `GET /transfers/remote/{peer}/jobs/{id}`."""
+    if not job_id or not set(job_id) <= _JOB_ID or len(job_id) > 64:
+        raise UnknownResource(f"Not a job ID: {job_id[:80]!r}")
+    return await peers.get(name).request_json("GET", f"/jobs/{job_id}", what="remote job",
+                                              max_body=SMALL_ANSWER)
+
+
+async def remote_lookup(peers: Peers, name: str, value: str) -> list[dict[str, str]]:
+    """What the peer holds under `value`: its `POST /tools/lookup` answer (a DICOM identifier:
+    PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID), and for an Orthanc ID the
+    resource itself (`GET /{level}/{id}`, first level that has it). [] when the peer has nothing.
+    For the route `POST /transfers/remote/{peer}/lookup` (body: the value, as /tools/lookup)."""
+    client = peers.get(name)
+    found: list[dict[str, str]] = []
+    response = await client.request("POST", "/tools/lookup", content=value.encode(), what="lookup",
+                                    max_body=MAX_ANSWER, accept_statuses=(404,), expect_json=True)
+    answer = json_answer(response) if response.status_code == 200 else None  # 404: no such route
+    if isinstance(answer, list):
+        found += [a for a in answer if isinstance(a, dict) and {"ID", "Type"} <= set(a)]
+    if _ORTHANC_ID.fullmatch(value):
+        for level, plural in (("Patient", "patients"), ("Study", "studies"), ("Series", "series"),
+                              ("Instance", "instances")):
+            response = await client.request("GET", f"/{plural}/{value}", accept_statuses=(404,),
+                                            what="lookup")
+            if response.status_code == 200:
+                found.append({"ID": value, "Path": f"/{plural}/{value}", "Type": level})
+                break
+    return found
+
