@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 
-from accelerator.api import archive, core, find, jobs, move_storage, operations, peers, storage, tags, transfers
+from accelerator.api import archive, core, find, jobs, move_storage, operations, peers, storage, tags, transfers, ui
 from accelerator.api.http import (
     handle_client_disconnect,
     handle_http_exception,
@@ -31,7 +31,7 @@ from accelerator.store import Store
 from accelerator.store.hybrid import HybridStorage
 from accelerator.store.objects import ObjectStorageSettings, object_storage
 from accelerator.store.storage import FileSystemStorage, Storage
-from accelerator.transfers import pull, push
+from accelerator.transfers import pull, push, store_peer
 from accelerator.transfers.receiver import PushReceiver
 from protocol.errors import OrthancError
 
@@ -90,7 +90,8 @@ def create_app(config: Config, store: Store | None = None, *, peers_: Peers | No
     users = config.registered_users if config.authentication_enabled else None
     app = Starlette(
         routes=find.routes() + tags.routes() + archive.routes() + operations.routes() + core.routes()
-        + transfers.routes() + jobs.routes() + peers.routes() + storage.routes() + move_storage.routes(),
+        + transfers.routes() + jobs.routes() + peers.routes() + storage.routes() + move_storage.routes()
+        + ui.routes(),
         middleware=[
             Middleware(NormalisePath),
             Middleware(AccessControl, remote_access=config.remote_access_allowed, users=users),
@@ -138,8 +139,6 @@ def _jobs_engine(config: Config, store: Store, peer_clients: Peers) -> JobsEngin
     engine.register(push.JOB_TYPE, lambda ctx: push_driver)
     mover = move.MoveStorageDriver(store=store)  # one for all jobs: it serialises moves of one attachment
     engine.register(move.JOB_TYPE, lambda ctx: mover)
-    from accelerator.transfers import store_peer  # POST /peers/{name}/store to a peer without transfers
-
     peer_store = store_peer.PeerStoreDriver(store=store, peers=peer_clients, workers=min(settings.threads, 4))
     engine.register(store_peer.JOB_TYPE, lambda ctx: peer_store)
     return engine
