@@ -211,8 +211,9 @@ def markdown(params: dict, manifest: StudyManifest, runs: list[dict], summary: d
         vals = {bk: [v for v in (_cpu_per_gb(r, key) for r in runs if r["backend"] == bk and r["ok"])
                      if v is not None] for bk in BACKENDS}
         cells = [f"{statistics.median(v):.2f}" if v else "-" for v in vals.values()]
-        ratio = (f"{statistics.median(vals['object-storage']) / statistics.median(vals['file-system']):.2f}"
-                 if all(vals.values()) else "")
+        medians = {bk: statistics.median(v) if v else 0.0 for bk, v in vals.items()}
+        # a quick run on a small study can measure 0.00 CPU s on one side: no ratio then
+        ratio = f"{medians['object-storage'] / medians['file-system']:.2f}" if medians["file-system"] else ""
         lines.append(f"| CPU s per GB served, {key.split('-')[1]} (daemon + SeaweedFS) | {cells[0]} | {cells[1]} | {ratio} |")
     cost = cost_of_bucket(summary, params["bucket_kib"], runs)
     if "extra_ms_per_bucket_p50" in cost:
