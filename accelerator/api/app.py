@@ -118,7 +118,7 @@ def create_app(config: Config, store: Store | None = None, *, peers_: Peers | No
         idle_timeout=config.transfers.push_transaction_timeout,
         limits=config.transfers.limits,
         commit_threads=config.transfers.commit_threads_count,
-        drain_timeout=config.http_timeout or 60,
+        drain_timeout=config.http_request_timeout + 1,  # the body of a stalled PUT is cut by then
     )
     return app
 

@@ -304,8 +304,9 @@ class PushReceiver:
             with anyio.move_on_after(self.drain_timeout):
                 while tx.busy:
                     await anyio.sleep(DRAIN_POLL)
-            if tx.busy:
-                raise BadSequenceOfCalls(f"Bucket uploads of push transaction {tx_id} are still running")
+            if tx.busy:  # e.g. the stalled upload of a pusher that died: retry once it is cut
+                raise ServiceBusy(f"Bucket uploads of push transaction {tx_id} are still running",
+                                  headers={"Retry-After": "1"})
             count = await to_thread.run_sync(self._store, tx)
         except BaseException:
             with self._lock:

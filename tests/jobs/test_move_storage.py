@@ -290,7 +290,7 @@ async def test_a_missing_or_corrupt_source_fails_the_job_naming_the_instance(tmp
 
 # -- kill -9 in mid-move ------------------------------------------------------------------------
 
-KILL_COUNT = 150
+KILL_COUNT = 400  # a move of a few seconds: several checkpoints before the kill, even on a fast run
 
 
 def saved_position(storage: Path, job_id: str) -> int:

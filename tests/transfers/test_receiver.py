@@ -205,13 +205,14 @@ async def test_a_put_during_a_commit_is_refused_and_so_is_a_second_commit(app_cl
 
 
 async def test_a_commit_gives_up_on_a_put_that_never_ends_and_the_transaction_stays(app_client):
-    app, client = app_client({"HttpTimeout": 1})
+    app, client = app_client({"HttpRequestTimeout": 1})
     data, plan, payloads = _one_instance_plan()
     async with client:
         path = (await client.post("/transfers/push", json=plan.to_json())).json()["Path"]
         async with held_put(client, f"{path}/0", payloads[0]) as put:
             commit = await client.post(f"{path}/commit")
-            assert commit.status_code == 400 and "still running" in commit.json()["Details"]
+            assert commit.status_code == 503 and "still running" in commit.json()["Details"]
+            assert commit.headers["retry-after"] == "1"
         assert put.answer.status_code == 200
         assert (await client.post(f"{path}/commit")).status_code == 200
         assert await _stored_bytes(client, plan.instances[0].id) == data
