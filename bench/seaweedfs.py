@@ -147,7 +147,9 @@ def start_s3_server(folder: Path, *, timeout: float = 30.0, extra_args: tuple[st
     command = [
         weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
-        "-master.volumeSizeLimitMB=64", "-volume.max=5000",  # one collection (volumes) per bucket: a test session makes hundreds "-volume.preStopSeconds=0",
+        # -volume.max: each bucket is a collection with volumes of its own, and a test session
+        # makes hundreds of buckets
+        "-master.volumeSizeLimitMB=64", "-volume.max=5000", "-volume.preStopSeconds=0",
         f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
         "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
         f"-filer.localSocket={folder / 'filer.sock'}",
