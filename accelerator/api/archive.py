@@ -20,7 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from accelerator import zipfiles
-from accelerator.api.core import route
+from accelerator.api.core import route, upload_answer
 from accelerator.api.http import json_answer, read_body
 from accelerator.store import Store
 from protocol.errors import BadFileFormat, BadRequest, OrthancError
@@ -167,18 +167,7 @@ async def post_zip_instances(request: Request, source: bytes | Path) -> Response
         store, source, max_total=config.maximum_request_body_bytes,
         max_member=config.transfers.max_instance_bytes, remote_ip=client,
     ))
-    answer = []
-    for outcome in result.outcomes:
-        ids = outcome.parsed.ids
-        answer.append({
-            "ID": ids.instance,
-            "ParentPatient": ids.patient,
-            "ParentSeries": ids.series,
-            "ParentStudy": ids.study,
-            "Path": f"/instances/{ids.instance}",
-            "Status": outcome.status,
-        })
-    return json_answer(answer)
+    return json_answer([upload_answer(outcome) for outcome in result.outcomes])
 
 
 def routes() -> list[Route]:

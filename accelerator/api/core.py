@@ -240,15 +240,20 @@ async def post_instances(request: Request) -> Response:
             outcome = await to_thread.run_sync(lambda: store.ingest_upload(upload, remote_ip=client))
         finally:
             path.unlink(missing_ok=True)  # adopted files were moved away already
+    return json_answer(upload_answer(outcome))
+
+
+def upload_answer(outcome) -> dict[str, str]:
+    """Orthanc's answer for one stored instance (`POST /instances`, and each member of a ZIP)."""
     ids = outcome.parsed.ids
-    return json_answer({
+    return {
         "ID": ids.instance,
         "ParentPatient": ids.patient,
         "ParentSeries": ids.series,
         "ParentStudy": ids.study,
         "Path": f"/instances/{ids.instance}",
         "Status": outcome.status,
-    })
+    }
 
 
 async def get_instance_file(request: Request) -> Response:
