@@ -20,7 +20,6 @@ import itertools
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ import httpx
 
 if __package__ in (None, ""):  # run as a script: python bench/azurite.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.processes import stop_process
 from bench.seaweedfs import free_ports
 
 #: The emulator's account and key, published by Microsoft (not a secret).
@@ -112,13 +112,7 @@ class AzureServer:
 
     def stop(self) -> None:
         """End the server by its PID: SIGTERM, then SIGKILL after STOP_GRACE seconds."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, STOP_GRACE)
 
     def log_tail(self, lines: int = 20) -> str:
         try:

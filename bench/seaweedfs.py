@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import httpx
+from bench.processes import stop_process
 
 REGION = "us-east-1"
 STOP_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
@@ -108,13 +108,7 @@ class S3Server:
 
     def stop(self) -> None:
         """End the server by its PID: SIGTERM, then SIGKILL after STOP_GRACE seconds."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, STOP_GRACE)
         for path in self.sockets:  # named after our ports: nobody else's
             try:
                 path.unlink()
