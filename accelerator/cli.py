@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     from accelerator import storage_commands
 
     storage_commands.add_arguments(commands, [_connection_arguments])
+    from accelerator import replicate_command
+
+    replicate_command.add_arguments(commands, [_connection_arguments])
     return parser
 
 

@@ -54,6 +54,7 @@ from protocol.limits import TransferLimits
 __all__ = [
     "Config",
     "ObjectStorageConfig",
+    "PostgreSQLConfig",
     "Peer",
     "TransfersConfig",
     "IGNORED_ORTHANC_OPTIONS",
@@ -183,6 +184,79 @@ class ObjectStorageConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    """The `Gateway` section (ours): the plain Orthanc (no transfers plugin) this daemon stands in
+    front of. What transfers bring in is forwarded into it; what peers take from us is fetched
+    from it. `keep_copies` false: an instance forwarded and checked there leaves our store."""
+
+    url: str  # ends with "/"
+    username: str = ""
+    password: str = field(default="", repr=False)
+    keep_copies: bool = True
+    workers: int = 16  # requests to the Orthanc at once
+    timeout: int = 60  # seconds per request
+
+    def as_peer(self) -> Peer:
+        return Peer(name="gateway", url=self.url, username=self.username, password=self.password,
+                    timeout=self.timeout)
+
+
+_GATEWAY_KEYS = {"Url", "Username", "Password", "KeepCopies", "Workers", "Timeout"}
+
+
+def _parse_gateway(mapping: Mapping[str, Any]) -> tuple[GatewayConfig | None, list[str]]:
+    """The `Gateway` section, validated, and its unknown keys."""
+    if "Gateway" not in mapping:
+        return None, []
+    section = _object(mapping["Gateway"], "Gateway")
+    url = section.get("Url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise _fail("Gateway.Url", "an http:// or https:// URL", url)
+    values: dict[str, Any] = {"url": url.rstrip("/") + "/"}
+    for key, attr in (("Username", "username"), ("Password", "password")):
+        if key in section:
+            if not isinstance(section[key], str):
+                raise _fail(f"Gateway.{key}", "a string", section[key])
+            values[attr] = section[key]
+    if "KeepCopies" in section:
+        if not isinstance(section["KeepCopies"], bool):
+            raise _fail("Gateway.KeepCopies", "true or false", section["KeepCopies"])
+        values["keep_copies"] = section["KeepCopies"]
+    for key, attr, low, high in (("Workers", "workers", 1, 256), ("Timeout", "timeout", 1, 3600)):
+        if key in section:
+            value = section[key]
+            if type(value) is not int or not low <= value <= high:
+                raise _fail(f"Gateway.{key}", f"an integer from {low} to {high}", value)
+            values[attr] = value
+    return GatewayConfig(**values), [f"Gateway.{k}" for k in section if k not in _GATEWAY_KEYS]
+
+
+@dataclass(frozen=True)
+class PostgreSQLConfig:
+    """The `PostgreSQL` section (Orthanc's PostgreSQL plugin), validated. With `EnableIndex` the
+    index lives in that database instead of SQLite; the field names are those of
+    `accelerator.store.postgres_index.PostgresSettings` (`settings_kwargs()`), plus
+    `enable_index`. `Lock` (default true, as the plugin) keeps the database to one daemon:
+    replicas sharing it set it to false. Secrets are left out of `repr()`."""
+
+    enable_index: bool
+    connection_uri: str = field(repr=False)  # wins over host/port/database/username/password
+    host: str
+    port: int
+    database: str
+    username: str
+    password: str = field(repr=False)
+    enable_ssl: bool
+    lock: bool
+    maximum_connection_retries: int
+    connection_retry_interval: int  # seconds
+    index_connections_count: int
+
+    def settings_kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "enable_index"}
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration; build it with `load_config` or `config_from_dict`."""
 
@@ -212,6 +286,8 @@ class Config:
     orthanc_peers: dict[str, Peer]
     transfers: TransfersConfig
     object_storage: ObjectStorageConfig | None = None  # None: the filesystem only
+    postgresql: PostgreSQLConfig | None = None  # None: no PostgreSQL section
+    gateway: GatewayConfig | None = None  # None: not in front of a plain Orthanc
     unknown_keys: tuple[str, ...] = ()
     source: str = "<defaults>"
 
@@ -223,6 +299,11 @@ class Config:
     @property
     def maximum_request_body_bytes(self) -> int:
         return self.maximum_request_body_size * 1024 * 1024
+
+    @property
+    def postgresql_index(self) -> PostgreSQLConfig | None:
+        """The PostgreSQL section when the index lives there (`EnableIndex`), else None (SQLite)."""
+        return self.postgresql if self.postgresql is not None and self.postgresql.enable_index else None
 
     @property
     def hybrid_mode(self) -> str | None:
@@ -532,7 +613,7 @@ IGNORED_ORTHANC_OPTIONS: tuple[str, ...] = (
 
 _KNOWN_KEYS = (
     frozenset(o.key for o in _OPTIONS)
-    | {"OrthancPeers", "Transfers"}
+    | {"OrthancPeers", "Transfers", "Gateway", "PostgreSQL"}
     | set(_OBJECT_STORAGE_SECTIONS)
     | set(_UNSUPPORTED_STORAGE_SECTIONS)
 )
@@ -678,6 +759,58 @@ def _parse_object_storage(
 
 
 # --------------------------------------------------------------------------------------------
+# PostgreSQL (the index of replicas)
+# --------------------------------------------------------------------------------------------
+
+def _no_storage_in_postgresql(value: Any, path: str) -> bool:
+    if _boolean(value, path):
+        raise ConfigError(f"{path}: attachments in PostgreSQL are not supported; keep them in "
+                          "StorageDirectory or in object storage (AwsS3Storage, AzureBlobStorage)")
+    return False
+
+
+# Orthanc's PostgreSQL plugin options and defaults (Orthanc book, "PostgreSQL plugins").
+_POSTGRESQL_OPTIONS: tuple[_Option, ...] = (
+    _Option("EnableIndex", "enable_index", False, _boolean),
+    _Option("EnableStorage", None, False, _no_storage_in_postgresql),
+    _Option("ConnectionUri", "connection_uri", "", _secret(_string)),
+    _Option("Host", "host", "localhost", _string),
+    _Option("Port", "port", 5432, _integer(1, 65535)),
+    _Option("Database", "database", "", _string),
+    _Option("Username", "username", "", _string),
+    _Option("Password", "password", "", _secret(_string)),
+    _Option("EnableSsl", "enable_ssl", False, _boolean),
+    _Option("Lock", "lock", True, _boolean),  # false for replicas sharing the database
+    _Option("MaximumConnectionRetries", "maximum_connection_retries", 10, _integer(0)),
+    _Option("ConnectionRetryInterval", "connection_retry_interval", 5, _integer(0)),  # seconds
+    _Option("IndexConnectionsCount", "index_connections_count", 50, _integer(1)),
+)
+#: Read by the plugin, no use to us (our transactions and housekeeping are our own).
+_POSTGRESQL_IGNORED = frozenset({"EnableVerboseLogs", "TransactionMode", "HousekeepingInterval",
+                                 "AllowInconsistentChildCounts"})
+
+
+def _parse_postgresql(
+    mapping: Mapping[str, Any], where: Callable[[str], str]
+) -> tuple[PostgreSQLConfig | None, list[str]]:
+    """The `PostgreSQL` section, validated, and the unknown keys found inside it."""
+    if "PostgreSQL" not in mapping:
+        return None, []
+    try:
+        section = _object(mapping["PostgreSQL"], "PostgreSQL")
+        values = {}
+        for option in _POSTGRESQL_OPTIONS:
+            value = option.check(section[option.key], f"PostgreSQL.{option.key}") if option.key in section \
+                else option.default
+            if option.attr:
+                values[option.attr] = value
+    except ConfigError as error:
+        raise ConfigError(f"{error}{where('PostgreSQL')}") from None
+    known = {o.key for o in _POSTGRESQL_OPTIONS} | _POSTGRESQL_IGNORED
+    return PostgreSQLConfig(**values), [f"PostgreSQL.{k}" for k in section if k not in known]
+
+
+# --------------------------------------------------------------------------------------------
 # Building a Config from a parsed mapping
 # --------------------------------------------------------------------------------------------
 
@@ -752,6 +885,13 @@ def _build(
 
     values["object_storage"], unknown_in_storage = _parse_object_storage(mapping, where)
     unknown += unknown_in_storage
+    values["postgresql"], unknown_in_postgresql = _parse_postgresql(mapping, where)
+    unknown += unknown_in_postgresql
+    try:
+        values["gateway"], unknown_in_gateway = _parse_gateway(mapping)
+    except ConfigError as error:
+        raise ConfigError(f"{error}{where('Gateway')}") from None
+    unknown += unknown_in_gateway
 
     return Config(**values, unknown_keys=tuple(unknown), source=source)
 

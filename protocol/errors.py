@@ -29,7 +29,9 @@ so that the whole hierarchy reads in one page:
         ├── ServiceBusy          503 / 36   every slot taken; retry later (Retry-After)
         ├── JobFailed            500 / the job's ErrorCode: a job run synchronously failed
         ├── UnknownDicomTag      400 / 27   a tag name the dictionary does not know
-        └── FullStorage          507 / 14   no space left for what was sent (as Orthanc)
+        ├── FullStorage          507 / 14   no space left for what was sent (as Orthanc)
+        ├── DatabaseUnavailable  503 / 36   the PostgreSQL index cannot be reached (transient)
+        └── DatabaseCannotSerialize 503 / 42  a transaction kept conflicting; retry later
 """
 
 from __future__ import annotations
@@ -184,3 +186,18 @@ _HTTP_REASONS = {
     503: "Service Unavailable",
     507: "Insufficient Storage",
 }
+
+
+class DatabaseUnavailable(OrthancError):
+    """The index database (PostgreSQL) cannot be reached: server down, connection lost, no
+    connection free in time. Transient: Orthanc answers 503 with error 36 and so do we."""
+
+    http_status, orthanc_status, message = 503, 36, "The database is currently not available (probably a transient situation)"
+
+
+class DatabaseCannotSerialize(OrthancError):
+    """A transaction still met serialization failures or deadlocks after its retries: Orthanc's
+    503 with error 42; the client may try again."""
+
+    http_status, orthanc_status, message = (
+        503, 42, "Database could not serialize access due to concurrent update, the transaction should be retried")

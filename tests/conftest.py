@@ -140,3 +140,94 @@ def asgi_client(app, client_host: str = "127.0.0.1", **kwargs) -> httpx.AsyncCli
 async def client(config, store) -> AsyncIterator[httpx.AsyncClient]:
     async with asgi_client(create_app(config, store)) as client:
         yield client
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path_factory) -> Iterator[Callable[..., Any]]:
+    """Real Orthanc servers (Debian's `orthanc` package): `make(**kwargs)` starts one on its own
+    temporary folder (keywords of `bench.orthanc.start_orthanc`); all are stopped at teardown."""
+    from bench.orthanc import orthanc_binary, start_orthanc
+
+    if orthanc_binary() is None:
+        pytest.skip("Orthanc is not installed (Debian package `orthanc`: /usr/sbin/Orthanc)")
+    servers: list[Any] = []
+
+    def make(**kwargs: Any) -> Any:
+        server = start_orthanc(tmp_path_factory.mktemp(kwargs.get("name", "orthanc")), **kwargs)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+# -- The index on PostgreSQL -----------------------------------------------------------------
+# Index-level tests (tests/store, tests/jobs/test_index.py) run once per kind of index through
+# `index_kind`; the rest of the suite stays on SQLite.
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A real PostgreSQL (Debian's binaries, bench.postgres) for the session; each test makes
+    its own database with `create_database()`."""
+    from bench.postgres import postgres_bin_dir, start_postgres
+
+    if postgres_bin_dir() is None:
+        pytest.skip("PostgreSQL is not installed (Debian's postgresql package: initdb and postgres "
+                    "under /usr/lib/postgresql/N/bin)")
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+INDEX_KINDS = ("sqlite", "postgresql")
+
+
+def postgresql_section(server: Any, **options: Any) -> dict[str, Any]:
+    """A `PostgreSQL` section (EnableIndex) on a fresh database of the test server."""
+    return {"PostgreSQL": {
+        "EnableIndex": True, "Host": server.host, "Port": server.port, "Database": server.create_database(),
+        "Username": server.user, "MaximumConnectionRetries": 0, "IndexConnectionsCount": 8, **options,
+    }}
+
+
+@pytest.fixture(params=INDEX_KINDS)
+def index_kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def index_section(index_kind, request) -> dict[str, Any]:
+    """Configuration options that put this test's index on its kind of database: nothing for
+    SQLite, a `PostgreSQL` section on a database of its own otherwise."""
+    if index_kind == "sqlite":
+        return {}
+    return postgresql_section(request.getfixturevalue("postgres_server"))
+
+
+@pytest.fixture
+def make_index(index_section) -> Callable[..., Any]:
+    """Open (again) this test's index: SQLite in `directory`, or the test's PostgreSQL database."""
+    from pathlib import Path
+
+    from accelerator.api.app import open_index
+    from accelerator.store.index import Index
+
+    def make(directory, *, upgrade: bool = False):
+        if not index_section:
+            return Index(Path(directory), upgrade=upgrade)
+        return open_index(config_from_dict({"StorageDirectory": str(directory), **index_section}), upgrade=upgrade)
+
+    return make
+
+
+@pytest.fixture
+def index_conninfo(index_section, request) -> str | None:
+    """libpq connection string of this test's PostgreSQL database (None on SQLite)."""
+    if not index_section:
+        return None
+    server = request.getfixturevalue("postgres_server")
+    return server.conninfo(index_section["PostgreSQL"]["Database"])

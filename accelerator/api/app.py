@@ -14,7 +14,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 
-from accelerator.api import archive, core, find, jobs, move_storage, operations, peers, storage, tags, transfers, ui
+from accelerator.api import (
+    archive, core, find, jobs, move_storage, operations, peers, replication, storage, tags, transfers, ui,
+)
 from accelerator.api.http import (
     handle_client_disconnect,
     handle_http_exception,
@@ -27,8 +29,12 @@ from accelerator.config import Config
 from accelerator.jobs import move_storage as move
 from accelerator.jobs.engine import JobsEngine
 from accelerator.peers import Peers
+from accelerator.replication import job as replicate
+from accelerator.replication.gateway import Gateway
+from accelerator.replication.sides import SideOpener
 from accelerator.store import Store
 from accelerator.store.hybrid import HybridStorage
+from accelerator.store.index import IndexBase
 from accelerator.store.objects import ObjectStorageSettings, object_storage
 from accelerator.store.storage import FileSystemStorage, Storage
 from accelerator.transfers import pull, push, store_peer
@@ -40,14 +46,33 @@ PENDING_OBJECTS = ".pending-objects"  # markers of objects staged in object stor
 
 
 def open_store(config: Config, *, upgrade: bool = False) -> Store:
+    index = open_index(config, upgrade=upgrade)
+    try:
+        storage = open_storage(config)
+    except BaseException:
+        if index is not None:
+            index.close()
+        raise
     return Store(
         Path(config.storage_directory),
         Path(config.index_directory),
         compress=config.storage_compression,
         overwrite=config.overwrite_instances,
         upgrade=upgrade,
-        storage=open_storage(config),
+        storage=storage,
+        index=index,
     )
+
+
+def open_index(config: Config, *, upgrade: bool = False) -> IndexBase | None:
+    """The PostgreSQL index of a `PostgreSQL` section with `EnableIndex`; None for the default
+    (SQLite under `IndexDirectory`, which the store opens itself)."""
+    section = config.postgresql_index
+    if section is None:
+        return None
+    from accelerator.store.postgres_index import PostgresIndex, PostgresSettings  # psycopg only when used
+
+    return PostgresIndex(PostgresSettings(**section.settings_kwargs()), upgrade=upgrade)
 
 
 def open_storage(config: Config) -> Storage:
@@ -74,24 +99,29 @@ def create_app(config: Config, store: Store | None = None, *, peers_: Peers | No
     """
     store = store or open_store(config)
     peer_clients = peers_ or Peers(config)
-    engine = _jobs_engine(config, store, peer_clients)
+    gateway = Gateway(config.gateway, config, store) if config.gateway is not None else None
+    engine = _jobs_engine(config, store, peer_clients, gateway)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
             async with engine.running(), anyio.create_task_group() as tasks:  # jobs stop before the store closes
                 tasks.start_soon(app.state.receiver.expire_periodically)
+                if gateway is not None:
+                    tasks.start_soon(gateway.forward_forever)
                 yield
                 tasks.cancel_scope.cancel()
         finally:
             await peer_clients.aclose()
+            if gateway is not None:
+                await gateway.aclose()
             store.close()
 
     users = config.registered_users if config.authentication_enabled else None
     app = Starlette(
         routes=find.routes() + tags.routes() + archive.routes() + operations.routes() + core.routes()
         + transfers.routes() + jobs.routes() + peers.routes() + storage.routes() + move_storage.routes()
-        + ui.routes(),
+        + replication.routes() + ui.routes(),
         middleware=[
             Middleware(NormalisePath),
             Middleware(AccessControl, remote_access=config.remote_access_allowed, users=users),
@@ -111,6 +141,7 @@ def create_app(config: Config, store: Store | None = None, *, peers_: Peers | No
     app.state.originator = str(uuid.uuid4())  # the "plugin UUID": new at every start (spec 1)
     app.state.peers = peer_clients
     app.state.jobs = engine
+    app.state.gateway = gateway
     app.state.receiver = PushReceiver(
         store,
         Path(config.storage_directory) / TRANSFERS_FOLDER / "push",
@@ -123,7 +154,7 @@ def create_app(config: Config, store: Store | None = None, *, peers_: Peers | No
     return app
 
 
-def _jobs_engine(config: Config, store: Store, peer_clients: Peers) -> JobsEngine:
+def _jobs_engine(config: Config, store: Store, peer_clients: Peers, gateway: Gateway | None = None) -> JobsEngine:
     settings = config.transfers
     pull_driver = pull.PullDriver(
         store=store, peers=peer_clients, folder=Path(config.storage_directory) / TRANSFERS_FOLDER / "pull",
@@ -141,4 +172,8 @@ def _jobs_engine(config: Config, store: Store, peer_clients: Peers) -> JobsEngin
     engine.register(move.JOB_TYPE, lambda ctx: mover)
     peer_store = store_peer.PeerStoreDriver(store=store, peers=peer_clients, workers=min(settings.threads, 4))
     engine.register(store_peer.JOB_TYPE, lambda ctx: peer_store)
+    replicator = replicate.ReplicateDriver(
+        store=store, open_ends=SideOpener(config, peer_clients, store, gateway), pull_driver=pull_driver,
+        push_driver=push_driver)
+    engine.register(replicate.JOB_TYPE, lambda ctx: replicator)
     return engine

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from anyio import to_thread
 from starlette.requests import Request
@@ -25,6 +26,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 EMULATED_ORTHANC_VERSION = "1.12.4"  # the REST API level we answer like
 _LABEL = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MEMORY_UPLOAD = 16 * 1024 * 1024  # larger uploads go through a file
+MEGA = 1024 * 1024
 
 
 def route(path: str, **handlers: Handler) -> Route:
@@ -188,6 +190,8 @@ async def get_relative(request: Request) -> Response:
 
     def work():
         resource = store.resource(level, public_id)
+        if relative == "statistics":
+            return _resource_statistics(store, resource)
         ancestor, child = _ANCESTORS.get(relative), _LEVELS.get(relative)
         if ancestor is not None and ancestor < level:
             while resource.level > ancestor:
@@ -202,6 +206,21 @@ async def get_relative(request: Request) -> Response:
 
 
 _ANCESTORS = {"patient": Level.PATIENT, "study": Level.STUDY, "series": Level.SERIES}
+
+
+def _resource_statistics(store, resource) -> dict[str, Any]:
+    """Orthanc's `/{level}/{id}/statistics`: counts below the resource and the sizes of its
+    DICOM files (stored and uncompressed)."""
+    files = store.index.instance_files(resource.level, resource.public_id)
+    stored = sum(f.attachment.stored_size for f in files)
+    size = sum(f.attachment.size for f in files)
+    answer: dict[str, Any] = {"CountInstances": len(files), "DiskSize": str(stored),
+                              "DiskSizeMB": stored // MEGA, "UncompressedSize": str(size),
+                              "UncompressedSizeMB": size // MEGA}
+    for level, name in ((Level.STUDY, "CountStudies"), (Level.SERIES, "CountSeries")):
+        if resource.level < level:
+            answer[name] = store.index.count_descendants(resource, level)
+    return answer
 
 
 # -- instances ---------------------------------------------------------------------------------

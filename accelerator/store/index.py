@@ -1,9 +1,19 @@
-"""The SQLite index: the resource hierarchy, attachments, metadata and labels.
+"""The index: the resource hierarchy, attachments, metadata, labels, jobs and the changes log.
 
-One writer connection behind a lock (SQLite serialises writers anyway) and one reader connection
-per thread (WAL lets them read while a write is in progress). Every method is blocking and is
-meant to run in a worker thread. A write that finds the disk full ("database or disk is full") is
-rolled back and raised as `FullStorage`.
+`IndexBase` is the one interface and holds every query; an implementation only says how to get
+a connection, run a write transaction and the few expressions the databases spell differently.
+`SqliteIndex` (also named `Index`: the default) is the embedded one, `PostgresIndex`
+(accelerator.store.postgres_index) the one replicas share. The SQL is written once, in the
+dialect both accept (`?` placeholders, translated for PostgreSQL; `INSERT ... ON CONFLICT`;
+`RETURNING`).
+
+Writes in one process are serialised by a lock (SQLite serialises writers anyway), held from the
+transaction through `store_instances`'s `on_commit`. Every method is blocking and is meant to run
+in a worker thread.
+
+SQLite: one writer connection and one reader connection per thread (WAL lets them read while a
+write is in progress). A write that finds the disk full ("database or disk is full") is rolled
+back and raised as `FullStorage`.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 
@@ -27,6 +38,7 @@ from protocol.resources import Level
 
 DICOM_ATTACHMENT = 1
 INDEX_FILE = "accelerator-index.sqlite"
+T = TypeVar("T")
 
 # The changes log (GET /changes): Orthanc's ChangeType values (ServerEnumerations.h) of the
 # changes Orthanc writes to its index for what we do. `Deleted` is not one of them: Orthanc only
@@ -100,13 +112,22 @@ def _is_full(exc: BaseException) -> bool:
     return code is not None and code & 0xFF == sqlite3.SQLITE_FULL
 
 
-class Index:
-    def __init__(self, directory: Path, *, upgrade: bool = False):
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / INDEX_FILE
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
-        self._readers_lock = threading.Lock()
+class IndexBase:
+    """Every query of the index; subclasses provide the connections and the dialect.
+
+    A subclass implements `_read()` (a connection for reads), `_run_transaction(work)` (call
+    `work(connection)` in one write transaction and commit), `_rows(sql, params, batch)` (a
+    query's rows fetched `batch` at a time), `_last_seq(c)`, and sets the dialect attributes.
+    A connection only needs `execute(sql, params)` returning a cursor and `executemany`.
+    """
+
+    #: `LIMIT ?` value meaning no limit.
+    UNLIMITED: int | None = -1
+    #: Expression of one main tag's value, and the parameter it takes for a keyword.
+    MAIN_TAG_SQL = "json_extract(CAST(main_tags AS TEXT), ?)"
+    path: object  # what the log names: the SQLite file, or the PostgreSQL database
+
+    def __init__(self) -> None:
         self._write_lock = threading.RLock()  # re-entered by store_instances, see there
         # Patients, studies and series that received an instance less than STABLE_AGE seconds
         # ago, oldest first: row -> (level, public ID, monotonic and wall time of the last one).
@@ -114,55 +135,40 @@ class Index:
         self._unstable: OrderedDict[int, tuple[Level, str, float, float]] = OrderedDict()
         self._unstable_lock = threading.Lock()
         self.stable_age = STABLE_AGE
-        self._writer = self._connect()
-        self._writer.execute("PRAGMA journal_mode = WAL")
-        if schema.is_empty(self._writer):
-            schema.create(self._writer)
-        elif upgrade and schema.version_of(self._writer) != schema.SCHEMA_VERSION:
-            schema.upgrade(self._writer)
-        schema.check(self._writer, str(self.path))
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=60)
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA synchronous = FULL")  # a committed row must outlive its file's rename
-        return conn
 
     def close(self) -> None:
-        with self._readers_lock:
-            for conn in self._readers:
-                conn.close()
-            self._readers.clear()
-        self._writer.close()
+        raise NotImplementedError
 
-    # -- connections -------------------------------------------------------------------------
+    # -- what an implementation provides -----------------------------------------------------
 
-    @property
-    def _reader(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            with self._readers_lock:
-                self._readers.append(conn)
-        return conn
+    def _read(self):
+        """A context manager giving a connection for reads."""
+        raise NotImplementedError
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction. A failed COMMIT is rolled back too (SQLite may already have
-        done it, e.g. on a full disk), so that the writer connection stays usable."""
+    def _run_transaction(self, work: Callable[[object], T]) -> T:
+        raise NotImplementedError
+
+    def _rows(self, sql: str, params: tuple, batch: int) -> Iterator[tuple]:
+        raise NotImplementedError
+
+    def _last_seq(self, c) -> int:
+        """The last sequence number ever given (0 if none): it survives DELETE /changes."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _main_tag_param(keyword: str) -> str:
+        return f'$."{keyword}"'
+
+    @staticmethod
+    def _encode_json(value: object) -> bytes | str:
+        return orjson.dumps(value)
+
+    # -- transactions ------------------------------------------------------------------------
+
+    def _write(self, work: Callable[[object], T]) -> T:
+        """One write transaction running `work(connection)`: all of it or nothing."""
         with self._write_lock:
-            conn = self._writer
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if _is_full(exc):
-                    raise FullStorage(f"The index cannot grow: {exc}") from None
-                raise
+            return self._run_transaction(work)
 
     # -- ingest ------------------------------------------------------------------------------
 
@@ -175,17 +181,25 @@ class Index:
     ) -> list[Outcome]:
         """Index a batch of staged instances in one transaction: all of them or none.
 
-        `on_commit` runs right after the commit, before any other write transaction can start:
-        the store moves the files into place there, so that no later transaction can replace or
-        delete (and so remove) a file that is not in its place yet.
+        `on_commit` runs right after the commit, before any other write transaction of this
+        process can start: the store moves the files into place there, so that no later
+        transaction can replace or delete (and so remove) a file that is not in its place yet.
+        The transaction may run more than once (PostgreSQL retries it on a conflict): it starts
+        from scratch each time.
         """
         now = timestamp()
-        touched: list[tuple[int, Level, str]] = []  # ancestors that become (again) unstable
+        items = list(items)
         with self._write_lock:
-            with self._write() as c:
-                self._log_stable(c)  # before the new entries: the log stays in time order
+            due = self._due_stable()
+
+            def work(c) -> tuple[list[Outcome], list[tuple[int, Level, str]]]:
+                touched: list[tuple[int, Level, str]] = []  # ancestors that become (again) unstable
+                self._log_stable(c, due)  # before the new entries: the log stays in time order
                 outcomes = [self._store_instance(c, *item, overwrite, now, touched) for item in items]
                 self._prune_changes(c)
+                return outcomes, touched
+
+            outcomes, touched = self._write(work)
             on_commit(outcomes)
             self._mark_unstable(touched)
         return outcomes
@@ -194,7 +208,9 @@ class Index:
                         overwrite: bool, now: str, touched: list[tuple[int, Level, str]]) -> Outcome:
         """One instance of `store_instances`; a replaced file goes to the trash. Logs the
         changes Orthanc logs, in its order: NewInstance, then NewSeries, NewStudy, NewPatient
-        for the resources it creates."""
+        for the resources it creates. The rows are created with `ON CONFLICT DO NOTHING` on
+        the Orthanc IDs: when another process (a replica) stores the same instance at the same
+        time, one of them stores it and the other finds it already stored."""
         ids = parsed.ids
         existing = c.execute("SELECT id FROM resources WHERE public_id = ?", (ids.instance,)).fetchone()
         if existing and not overwrite:
@@ -211,11 +227,11 @@ class Index:
             c.execute("DELETE FROM metadata WHERE resource = ?", (row,))
             c.execute(
                 "UPDATE resources SET main_tags = ?, last_update = ? WHERE id = ?",
-                (orjson.dumps(parsed.tags[Level.INSTANCE]), now, row),
+                (self._encode_json(parsed.tags[Level.INSTANCE]), now, row),
             )
             replaced = old[0] if old else None
             if replaced:
-                c.execute("INSERT OR IGNORE INTO trash(uuid) VALUES (?)", (replaced,))
+                c.execute("INSERT INTO trash(uuid) VALUES (?) ON CONFLICT DO NOTHING", (replaced,))
             for level, public_id in reversed(list(zip(Level, ids))[:-1]):  # series, study, patient
                 parent = c.execute("SELECT id FROM resources WHERE public_id = ?", (public_id,)).fetchone()[0]
                 touched.append((parent, level, public_id))
@@ -226,6 +242,8 @@ class Index:
                 row, new = self._ensure(c, level, public_id, row, parsed.tags[level], now)
                 if new:
                     created.append((row, level))
+                elif level is Level.INSTANCE:  # stored meanwhile by another process
+                    return Outcome("AlreadyStored", parsed)
                 if level is not Level.INSTANCE:
                     ancestors.append((row, level, public_id))
             for new_row, level in reversed(created):  # instance first, up to the patient
@@ -240,16 +258,20 @@ class Index:
         self._touch_ancestors(c, row, now)
         return Outcome("Success", parsed, replaced)
 
-    @staticmethod
-    def _ensure(c, level: Level, public_id: str, parent: int | None, tags: dict, now: str) -> tuple[int, bool]:
+    def _ensure(self, c, level: Level, public_id: str, parent: int | None, tags: dict, now: str) -> tuple[int, bool]:
         """The resource's row, and whether it was created now."""
         row = c.execute("SELECT id FROM resources WHERE public_id = ?", (public_id,)).fetchone()
         if row:
             return row[0], False
-        return c.execute(
-            "INSERT INTO resources(level, public_id, parent, main_tags, last_update) VALUES (?, ?, ?, ?, ?)",
-            (int(level), public_id, parent, orjson.dumps(tags), now),
-        ).lastrowid, True
+        created = c.execute(
+            """INSERT INTO resources(level, public_id, parent, main_tags, last_update) VALUES (?, ?, ?, ?, ?)
+               ON CONFLICT (public_id) DO NOTHING RETURNING id""",
+            (int(level), public_id, parent, self._encode_json(tags), now),
+        ).fetchone()
+        if created:
+            return created[0], True
+        # Inserted by a concurrent transaction since our SELECT (PostgreSQL waited for its commit).
+        return c.execute("SELECT id FROM resources WHERE public_id = ?", (public_id,)).fetchone()[0], False
 
     # -- changes log -------------------------------------------------------------------------
 
@@ -280,12 +302,6 @@ class Index:
         if last > MAX_CHANGES:
             c.execute("DELETE FROM changes WHERE seq <= ?", (last - MAX_CHANGES,))
 
-    @staticmethod
-    def _last_seq(c) -> int:
-        """The last sequence number ever given (0 if none): it survives DELETE /changes."""
-        row = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
-        return row[0] if row else 0
-
     def _mark_unstable(self, touched: list[tuple[int, Level, str]]) -> None:
         now, wall = time.monotonic(), time.time()
         with self._unstable_lock:
@@ -306,11 +322,11 @@ class Index:
                 due.append((row, level, public_id, wall))
         return due
 
-    def _log_stable(self, c) -> None:
+    def _log_stable(self, c, due: list[tuple[int, Level, str, float]]) -> None:
         """Log StableSeries/StableStudy/StablePatient for the resources now stable, dated when
         they became so (Orthanc's monitor logs them then; we log them at the next write or
         read of the log, which keeps both the order and the dates)."""
-        for row, level, public_id, wall in self._due_stable():
+        for row, level, public_id, wall in due:
             alive = c.execute("SELECT 1 FROM resources WHERE id = ? AND public_id = ?", (row, public_id)).fetchone()
             if alive:  # a deleted one gets no entry (Orthanc's insert fails on it)
                 date = time.strftime("%Y%m%dT%H%M%S", time.gmtime(wall + self.stable_age))
@@ -321,37 +337,40 @@ class Index:
         with self._unstable_lock:
             due = bool(self._unstable) and next(iter(self._unstable.values()))[2] < time.monotonic() - self.stable_age
         if due:
-            with self._write() as c:
-                self._log_stable(c)
+            with self._write_lock:
+                stable = self._due_stable()
+                self._write(lambda c: self._log_stable(c, stable))
 
     def changes(self, since: int, limit: int) -> tuple[list[Change], bool, int]:
         """Orthanc's GetChanges: entries after `since`, at most `limit`; whether they reach the
         end of the log; and the last sequence number (of the last entry, or the log's)."""
         self.flush_stable()
-        rows = self._reader.execute(
-            """SELECT c.seq, c.change_type, c.level, r.public_id, c.date
-               FROM changes c JOIN resources r ON r.id = c.resource
-               WHERE c.seq > ? ORDER BY c.seq LIMIT ?""", (since, limit + 1)).fetchall()
-        done = len(rows) <= limit
-        entries = [Change(r[0], r[1], Level(r[2]), r[3], r[4]) for r in rows[:limit]]
-        return entries, done, entries[-1].seq if entries else self._last_seq(self._reader)
+        with self._read() as c:
+            rows = c.execute(
+                """SELECT c.seq, c.change_type, c.level, r.public_id, c.date
+                   FROM changes c JOIN resources r ON r.id = c.resource
+                   WHERE c.seq > ? ORDER BY c.seq LIMIT ?""", (since, limit + 1)).fetchall()
+            done = len(rows) <= limit
+            entries = [Change(r[0], r[1], Level(r[2]), r[3], r[4]) for r in rows[:limit]]
+            return entries, done, entries[-1].seq if entries else self._last_seq(c)
 
     def last_change(self) -> tuple[list[Change], int]:
         """Orthanc's `?last`: the last entry (if any) and the last sequence number."""
         self.flush_stable()
-        rows = self._reader.execute(
-            """SELECT c.seq, c.change_type, c.level, r.public_id, c.date
-               FROM changes c JOIN resources r ON r.id = c.resource ORDER BY c.seq DESC LIMIT 1""").fetchall()
-        entries = [Change(r[0], r[1], Level(r[2]), r[3], r[4]) for r in rows]
-        return entries, entries[-1].seq if entries else self._last_seq(self._reader)
+        with self._read() as c:
+            rows = c.execute(
+                """SELECT c.seq, c.change_type, c.level, r.public_id, c.date
+                   FROM changes c JOIN resources r ON r.id = c.resource ORDER BY c.seq DESC LIMIT 1""").fetchall()
+            entries = [Change(r[0], r[1], Level(r[2]), r[3], r[4]) for r in rows]
+            return entries, entries[-1].seq if entries else self._last_seq(c)
 
     def last_change_seq(self) -> int:
-        return self._last_seq(self._reader)
+        with self._read() as c:
+            return self._last_seq(c)
 
     def clear_changes(self) -> None:
         """DELETE /changes: the log is emptied; sequence numbers go on from where they were."""
-        with self._write() as c:
-            c.execute("DELETE FROM changes")
+        self._write(lambda c: c.execute("DELETE FROM changes"))
 
     @staticmethod
     def _touch_ancestors(c, row: int, now: str) -> None:
@@ -363,128 +382,137 @@ class Index:
         )
 
     def exists(self, public_id: str) -> bool:
-        return self._reader.execute(
-            "SELECT 1 FROM resources WHERE public_id = ?", (public_id,)
-        ).fetchone() is not None
+        with self._read() as c:
+            return c.execute("SELECT 1 FROM resources WHERE public_id = ?", (public_id,)).fetchone() is not None
 
     def committed_uuids(self, uuids: Iterable[str]) -> set[str]:
         """Which of these file names have an attachment row (used by crash recovery)."""
         found = set()
-        for uuid in uuids:
-            if self._reader.execute("SELECT 1 FROM attachments WHERE uuid = ?", (uuid,)).fetchone():
-                found.add(uuid)
+        with self._read() as c:
+            for uuid in uuids:
+                if c.execute("SELECT 1 FROM attachments WHERE uuid = ?", (uuid,)).fetchone():
+                    found.add(uuid)
         return found
 
     # -- reading -----------------------------------------------------------------------------
 
     def resource(self, level: Level, public_id: str) -> Resource:
-        row = self._reader.execute(
-            """SELECT r.id, r.level, r.public_id, p.public_id, r.main_tags, r.last_update
-               FROM resources r LEFT JOIN resources p ON p.id = r.parent
-               WHERE r.public_id = ? AND r.level = ?""",
-            (public_id, int(level)),
-        ).fetchone()
+        with self._read() as c:
+            row = c.execute(
+                """SELECT r.id, r.level, r.public_id, p.public_id, r.main_tags, r.last_update
+                   FROM resources r LEFT JOIN resources p ON p.id = r.parent
+                   WHERE r.public_id = ? AND r.level = ?""",
+                (public_id, int(level)),
+            ).fetchone()
         if row is None:
             raise UnknownResource(f"Unknown {level.title.lower()}: {public_id}")
         return Resource(row[0], Level(row[1]), row[2], row[3], orjson.loads(row[4]), row[5])
 
     def list_ids(self, level: Level, since: int = 0, limit: int | None = None) -> list[str]:
-        rows = self._reader.execute(
-            "SELECT public_id FROM resources WHERE level = ? ORDER BY id LIMIT ? OFFSET ?",
-            (int(level), -1 if limit is None else limit, since),
-        )
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT public_id FROM resources WHERE level = ? ORDER BY id LIMIT ? OFFSET ?",
+                (int(level), self.UNLIMITED if limit is None else limit, since),
+            ).fetchall()
         return [r[0] for r in rows]
 
     def children(self, resource: Resource) -> list[str]:
-        rows = self._reader.execute(
-            "SELECT public_id FROM resources WHERE parent = ? ORDER BY id", (resource.row,)
-        )
+        with self._read() as c:
+            rows = c.execute(
+                "SELECT public_id FROM resources WHERE parent = ? ORDER BY id", (resource.row,)
+            ).fetchall()
         return [r[0] for r in rows]
 
     def descendants(self, resource: Resource, level: Level) -> list[str]:
         """Public IDs of the descendants at `level` (the resource itself if at that level)."""
-        rows = self._reader.execute(
-            """WITH RECURSIVE sub(id, level, public_id) AS (
-                 SELECT id, level, public_id FROM resources WHERE id = ?
-                 UNION ALL SELECT r.id, r.level, r.public_id FROM resources r JOIN sub ON r.parent = sub.id
-                 WHERE sub.level < ?)
-               SELECT public_id FROM sub WHERE level = ? ORDER BY id""",
-            (resource.row, int(level), int(level)),
-        )
+        with self._read() as c:
+            rows = c.execute(
+                """WITH RECURSIVE sub(id, level, public_id) AS (
+                     SELECT id, level, public_id FROM resources WHERE id = ?
+                     UNION ALL SELECT r.id, r.level, r.public_id FROM resources r JOIN sub ON r.parent = sub.id
+                     WHERE sub.level < ?)
+                   SELECT public_id FROM sub WHERE level = ? ORDER BY id""",
+                (resource.row, int(level), int(level)),
+            ).fetchall()
         return [r[0] for r in rows]
 
     def instance_files(self, level: Level, public_id: str) -> list[InstanceFile]:
         """Every instance below a resource with its file facts, from the index alone."""
         resource = self.resource(level, public_id)
-        rows = self._reader.execute(
-            """WITH RECURSIVE sub(id, level, public_id) AS (
-                 SELECT id, level, public_id FROM resources WHERE id = ?
-                 UNION ALL SELECT r.id, r.level, r.public_id FROM resources r JOIN sub ON r.parent = sub.id
-                 WHERE sub.level < 3)
-               SELECT sub.public_id, a.uuid, a.uncompressed_size, a.uncompressed_md5, a.compressed_size,
-                      a.compressed_md5, a.compression
-               FROM sub JOIN attachments a ON a.resource = sub.id AND a.content_type = 1
-               WHERE sub.level = 3""",
-            (resource.row,),
-        )
+        with self._read() as c:
+            rows = c.execute(
+                """WITH RECURSIVE sub(id, level, public_id) AS (
+                     SELECT id, level, public_id FROM resources WHERE id = ?
+                     UNION ALL SELECT r.id, r.level, r.public_id FROM resources r JOIN sub ON r.parent = sub.id
+                     WHERE sub.level < 3)
+                   SELECT sub.public_id, a.uuid, a.uncompressed_size, a.uncompressed_md5, a.compressed_size,
+                          a.compressed_md5, a.compression
+                   FROM sub JOIN attachments a ON a.resource = sub.id AND a.content_type = 1
+                   WHERE sub.level = 3""",
+                (resource.row,),
+            ).fetchall()
         return [InstanceFile(r[0], Attachment(r[1], r[2], r[3], r[4], r[5], bool(r[6]))) for r in rows]
 
     def attachment(self, instance_id: str) -> Attachment:
         resource = self.resource(Level.INSTANCE, instance_id)
-        row = self._reader.execute(
-            """SELECT uuid, uncompressed_size, uncompressed_md5, compressed_size, compressed_md5, compression
-               FROM attachments WHERE resource = ? AND content_type = ?""",
-            (resource.row, DICOM_ATTACHMENT),
-        ).fetchone()
+        with self._read() as c:
+            row = c.execute(
+                """SELECT uuid, uncompressed_size, uncompressed_md5, compressed_size, compressed_md5, compression
+                   FROM attachments WHERE resource = ? AND content_type = ?""",
+                (resource.row, DICOM_ATTACHMENT),
+            ).fetchone()
         if row is None:
             raise UnknownResource(f"Instance {instance_id} has no DICOM attachment")
         return Attachment(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
 
     def metadata(self, resource: Resource) -> dict[str, str]:
-        rows = self._reader.execute("SELECT name, value FROM metadata WHERE resource = ?", (resource.row,))
-        return dict(rows.fetchall())
+        with self._read() as c:
+            return dict(c.execute("SELECT name, value FROM metadata WHERE resource = ?", (resource.row,)).fetchall())
 
     def count_descendants(self, resource: Resource, level: Level) -> int:
         return len(self.descendants(resource, level))
 
     def statistics(self) -> dict[str, int]:
         counts = dict.fromkeys(Level, 0)
-        for level, count in self._reader.execute("SELECT level, count(*) FROM resources GROUP BY level"):
-            counts[Level(level)] = count
-        disk, uncompressed = self._reader.execute(
-            "SELECT coalesce(sum(compressed_size), 0), coalesce(sum(uncompressed_size), 0) FROM attachments"
-        ).fetchone()
+        with self._read() as c:
+            for level, count in c.execute("SELECT level, count(*) FROM resources GROUP BY level").fetchall():
+                counts[Level(level)] = count
+            disk, uncompressed = c.execute(
+                "SELECT coalesce(sum(compressed_size), 0), coalesce(sum(uncompressed_size), 0) FROM attachments"
+            ).fetchone()
         return {
             "patients": counts[Level.PATIENT],
             "studies": counts[Level.STUDY],
             "series": counts[Level.SERIES],
             "instances": counts[Level.INSTANCE],
-            "disk_size": disk,
-            "uncompressed_size": uncompressed,
+            "disk_size": int(disk),  # PostgreSQL's sum() of BIGINT is NUMERIC
+            "uncompressed_size": int(uncompressed),
         }
 
     # -- labels ------------------------------------------------------------------------------
 
     def labels(self, resource: Resource) -> list[str]:
-        rows = self._reader.execute(
-            "SELECT label FROM labels WHERE resource = ? ORDER BY label", (resource.row,)
-        )
+        with self._read() as c:
+            rows = c.execute("SELECT label FROM labels WHERE resource = ? ORDER BY label", (resource.row,)).fetchall()
         return [r[0] for r in rows]
 
     def all_labels(self) -> list[str]:
-        return [r[0] for r in self._reader.execute("SELECT DISTINCT label FROM labels ORDER BY label")]
+        with self._read() as c:
+            return [r[0] for r in c.execute("SELECT DISTINCT label FROM labels ORDER BY label").fetchall()]
 
     def set_label(self, level: Level, public_id: str, label: str, present: bool) -> None:
-        with self._write() as c:
+        def work(c) -> None:
             row = c.execute(
                 "SELECT id FROM resources WHERE public_id = ? AND level = ?", (public_id, int(level))
             ).fetchone()
             if row is None:
                 raise UnknownResource(f"Unknown {level.title.lower()}: {public_id}")
             if present:
-                c.execute("INSERT OR IGNORE INTO labels VALUES (?, ?)", (row[0], label))
+                c.execute("INSERT INTO labels VALUES (?, ?) ON CONFLICT DO NOTHING", (row[0], label))
             else:
                 c.execute("DELETE FROM labels WHERE resource = ? AND label = ?", (row[0], label))
+
+        self._write(work)
 
     # -- deletion ----------------------------------------------------------------------------
 
@@ -493,45 +521,43 @@ class Index:
 
         Returns the nearest remaining ancestor and the file names moved to the trash.
         """
-        with self._write() as c:
-            row = c.execute(
-                "SELECT id, parent FROM resources WHERE public_id = ? AND level = ?", (public_id, int(level))
+        return self._write(lambda c: self._delete(c, level, public_id))
+
+    def _delete(self, c, level: Level, public_id: str) -> tuple[Resource | None, list[str]]:
+        row = c.execute(
+            "SELECT id, parent FROM resources WHERE public_id = ? AND level = ?", (public_id, int(level))
+        ).fetchone()
+        if row is None:
+            raise UnknownResource(f"Unknown {level.title.lower()}: {public_id}")
+        target, parent = row
+        while parent is not None:  # climb while the parent would be left without children
+            siblings = c.execute("SELECT count(*) FROM resources WHERE parent = ?", (parent,)).fetchone()[0]
+            if siblings > 1:
+                break
+            target, parent = c.execute("SELECT id, parent FROM resources WHERE id = ?", (parent,)).fetchone()
+        uuids = [r[0] for r in c.execute(
+            """WITH RECURSIVE sub(id) AS (SELECT CAST(? AS BIGINT) UNION ALL
+                 SELECT r.id FROM resources r JOIN sub ON r.parent = sub.id)
+               SELECT a.uuid FROM attachments a JOIN sub ON a.resource = sub.id""",
+            (target,),
+        ).fetchall()]
+        c.executemany("INSERT INTO trash(uuid) VALUES (?) ON CONFLICT DO NOTHING", [(u,) for u in uuids])
+        c.execute("DELETE FROM resources WHERE id = ?", (target,))
+        remaining = None
+        if parent is not None:
+            prow = c.execute(
+                "SELECT id, level, public_id, main_tags, last_update FROM resources WHERE id = ?", (parent,),
             ).fetchone()
-            if row is None:
-                raise UnknownResource(f"Unknown {level.title.lower()}: {public_id}")
-            target, parent = row
-            while parent is not None:  # climb while the parent would be left without children
-                siblings = c.execute(
-                    "SELECT count(*) FROM resources WHERE parent = ?", (parent,)
-                ).fetchone()[0]
-                if siblings > 1:
-                    break
-                target, parent = c.execute(
-                    "SELECT id, parent FROM resources WHERE id = ?", (parent,)
-                ).fetchone()
-            uuids = [r[0] for r in c.execute(
-                """WITH RECURSIVE sub(id) AS (SELECT ? UNION ALL
-                     SELECT r.id FROM resources r JOIN sub ON r.parent = sub.id)
-                   SELECT a.uuid FROM attachments a JOIN sub ON a.resource = sub.id""",
-                (target,),
-            )]
-            c.executemany("INSERT OR IGNORE INTO trash(uuid) VALUES (?)", [(u,) for u in uuids])
-            c.execute("DELETE FROM resources WHERE id = ?", (target,))
-            remaining = None
-            if parent is not None:
-                prow = c.execute(
-                    "SELECT id, level, public_id, main_tags, last_update FROM resources WHERE id = ?",
-                    (parent,),
-                ).fetchone()
-                remaining = Resource(prow[0], Level(prow[1]), prow[2], None, orjson.loads(prow[3]), prow[4])
+            remaining = Resource(prow[0], Level(prow[1]), prow[2], None, orjson.loads(prow[3]), prow[4])
         return remaining, uuids
 
     def trash(self) -> list[str]:
-        return [r[0] for r in self._reader.execute("SELECT uuid FROM trash")]
+        with self._read() as c:
+            return [r[0] for r in c.execute("SELECT uuid FROM trash").fetchall()]
 
     def empty_trash(self, uuids: Iterable[str]) -> None:
-        with self._write() as c:
-            c.executemany("DELETE FROM trash WHERE uuid = ?", [(u,) for u in uuids])
+        rows = [(u,) for u in uuids]
+        self._write(lambda c: c.executemany("DELETE FROM trash WHERE uuid = ?", rows))
 
     # -- jobs --------------------------------------------------------------------------------
     # The jobs engine (accelerator.jobs.engine) keeps each job as one row: searchable columns
@@ -539,57 +565,127 @@ class Index:
     # engine encodes it in the event loop, where the job's values cannot change meanwhile).
 
     def insert_job(self, job_id: str, job_type: str, priority: int, state: str, record: bytes) -> None:
-        with self._write() as c:
-            c.execute(
-                "INSERT INTO jobs(id, type, priority, state, record) VALUES (?, ?, ?, ?, ?)",
-                (job_id, job_type, priority, state, record.decode()),
-            )
+        self._write(lambda c: c.execute(
+            "INSERT INTO jobs(id, type, priority, state, record) VALUES (?, ?, ?, ?, ?)",
+            (job_id, job_type, priority, state, record.decode()),
+        ))
 
     def update_job(self, job_id: str, state: str, record: bytes) -> None:
         """Rewrite a job's state and record; a job deleted meanwhile stays deleted."""
-        with self._write() as c:
-            c.execute("UPDATE jobs SET state = ?, record = ? WHERE id = ?", (state, record.decode(), job_id))
+        self._write(lambda c: c.execute(
+            "UPDATE jobs SET state = ?, record = ? WHERE id = ?", (state, record.decode(), job_id)))
 
     def jobs(self) -> list[tuple[str, str, int, str, dict]]:
         """Every job as (id, type, priority, state, record), in submission order."""
-        rows = self._reader.execute("SELECT id, type, priority, state, record FROM jobs ORDER BY rowid")
+        with self._read() as c:
+            rows = c.execute("SELECT id, type, priority, state, record FROM jobs ORDER BY rowid").fetchall()
         return [(r[0], r[1], r[2], r[3], orjson.loads(r[4])) for r in rows]
 
     def delete_jobs(self, job_ids: Iterable[str]) -> None:
-        with self._write() as c:
-            c.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in job_ids])
+        rows = [(i,) for i in job_ids]
+        self._write(lambda c: c.executemany("DELETE FROM jobs WHERE id = ?", rows))
 
     # -- read-only scans for POST /tools/find and /tools/lookup (accelerator.api.find) ---------
 
     def scan(self, level: Level, batch: int = 1000) -> Iterator[tuple[int, str, int | None, dict[str, str]]]:
         """(row, public ID, parent row, main tags) of every resource at `level`, in row order,
         fetched `batch` rows at a time (memory stays flat whatever the number of resources)."""
-        cursor = self._reader.execute(
-            "SELECT id, public_id, parent, main_tags FROM resources WHERE level = ? ORDER BY id", (int(level),))
-        try:
-            while rows := cursor.fetchmany(batch):
-                for row in rows:
-                    yield row[0], row[1], row[2], orjson.loads(row[3])
-        finally:
-            cursor.close()
+        for row in self._rows(
+                "SELECT id, public_id, parent, main_tags FROM resources WHERE level = ? ORDER BY id",
+                (int(level),), batch):
+            yield row[0], row[1], row[2], orjson.loads(row[3])
 
     def main_tag_values(self, level: Level, keyword: str, batch: int = 1000) -> Iterator[tuple[str, str | None]]:
         """(public ID, value of one main tag, None if absent) of every resource at `level`, in
-        row order; SQLite extracts the value, no JSON is decoded here."""
-        cursor = self._reader.execute(
-            "SELECT public_id, json_extract(CAST(main_tags AS TEXT), ?) FROM resources WHERE level = ? ORDER BY id",
-            (f'$."{keyword}"', int(level)))
-        try:
-            while rows := cursor.fetchmany(batch):
-                yield from rows
-        finally:
-            cursor.close()
+        row order; the database extracts the value, no JSON is decoded here."""
+        for row in self._rows(
+                f"SELECT public_id, {self.MAIN_TAG_SQL} FROM resources WHERE level = ? ORDER BY id",
+                (self._main_tag_param(keyword), int(level)), batch):
+            yield row[0], row[1]
 
     def labels_at(self, level: Level) -> dict[int, set[str]]:
         """The labels of every labelled resource at `level`, by row."""
         labels: dict[int, set[str]] = {}
-        for row, label in self._reader.execute(
+        with self._read() as c:
+            rows = c.execute(
                 "SELECT l.resource, l.label FROM labels l JOIN resources r ON r.id = l.resource WHERE r.level = ?",
-                (int(level),)):
+                (int(level),)).fetchall()
+        for row, label in rows:
             labels.setdefault(row, set()).add(label)
         return labels
+
+
+class SqliteIndex(IndexBase):
+    """The embedded index: one SQLite file (WAL) under `directory`."""
+
+    def __init__(self, directory: Path, *, upgrade: bool = False):
+        super().__init__()
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / INDEX_FILE
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._writer = self._connect()
+        self._writer.execute("PRAGMA journal_mode = WAL")
+        if schema.is_empty(self._writer):
+            schema.create(self._writer)
+        elif upgrade and schema.version_of(self._writer) != schema.SCHEMA_VERSION:
+            schema.upgrade(self._writer)
+        schema.check(self._writer, str(self.path))
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=60)
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = FULL")  # a committed row must outlive its file's rename
+        return conn
+
+    def close(self) -> None:
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        self._writer.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """This thread's reader connection (kept open for the next read)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        yield conn
+
+    def _run_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """A failed COMMIT is rolled back too (SQLite may already have done it, e.g. on a full
+        disk), so that the writer connection stays usable."""
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = work(conn)
+            conn.execute("COMMIT")
+            return result
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if _is_full(exc):
+                raise FullStorage(f"The index cannot grow: {exc}") from None
+            raise
+
+    def _rows(self, sql: str, params: tuple, batch: int) -> Iterator[tuple]:
+        with self._read() as c:
+            cursor = c.execute(sql, params)
+            try:
+                while rows := cursor.fetchmany(batch):
+                    yield from rows
+            finally:
+                cursor.close()
+
+    def _last_seq(self, c) -> int:
+        row = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        return row[0] if row else 0
+
+
+#: The default index; code that only uses an index should name `IndexBase`.
+Index = SqliteIndex

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from accelerator.store.area import STAGING, StorageArea, StoredFile
 from accelerator.store.dicom import ParsedInstance, parse_bytes, parse_file
-from accelerator.store.index import Attachment, Index, Outcome, Resource, timestamp
+from accelerator.store.index import Attachment, Index, IndexBase, Outcome, Resource, timestamp
 from accelerator.store.storage import FileSystemStorage, Storage
 from protocol.errors import AcceleratorError, CorruptedFile
 from protocol.resources import Level
@@ -53,11 +53,13 @@ class Store:
         overwrite: bool = False,
         upgrade: bool = False,
         storage: Storage | None = None,
+        index: IndexBase | None = None,
     ):
         """`storage` holds the attachments (default: Orthanc's layout under `storage_directory`,
-        which is also the local folder for transfers and uploads whatever the storage)."""
+        which is also the local folder for transfers and uploads whatever the storage); `index`
+        the resources (default: SQLite under `index_directory`), and the store closes it."""
         self.overwrite = overwrite
-        self.index = Index(Path(index_directory or storage_directory), upgrade=upgrade)
+        self.index = index or Index(Path(index_directory or storage_directory), upgrade=upgrade)
         storage = storage or FileSystemStorage(Path(storage_directory))
         self.area = StorageArea(storage, compress, Path(storage_directory) / STAGING)
         self.recover()

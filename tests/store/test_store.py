@@ -1,4 +1,5 @@
-"""accelerator.store: ingest, read-back, duplicates, deletion, statistics, crash recovery."""
+"""accelerator.store: ingest, read-back, duplicates, deletion, statistics, crash recovery; on
+every kind of storage and every kind of index (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ from protocol.resources import Level
 from tests.dicom_data import make_instance
 
 
+@pytest.fixture
+def config(make_config, index_section):
+    """The store of these tests (conftest's `store`) on this test's kind of index too."""
+    return make_config(index_section)
+
+
 def _series(n: int, *, patient="P", study="1.2.3", series="1.2.3.4", start=1) -> list[bytes]:
     return [make_instance(patient_id=patient, study_uid=study, series_uid=series,
                           sop_uid=f"{series}.{i}", InstanceNumber=i) for i in range(start, start + n)]
@@ -49,8 +56,8 @@ def _check_consistent(store: Store) -> None:
 
 
 @pytest.mark.parametrize("compress", [False, True])
-def test_ingest_and_read_back(tmp_path, compress):
-    store = Store(tmp_path, compress=compress)
+def test_ingest_and_read_back(tmp_path, compress, make_index):
+    store = Store(tmp_path, compress=compress, index=make_index(tmp_path))
     data = _series(3)
     outcomes = [store.ingest_bytes(d) for d in data]
     assert [o.status for o in outcomes] == ["Success"] * 3
@@ -91,8 +98,8 @@ def test_duplicate_is_already_stored_and_not_written(store):
     _check_consistent(store)
 
 
-def test_overwrite_replaces_the_file(tmp_path):
-    store = Store(tmp_path, overwrite=True)
+def test_overwrite_replaces_the_file(tmp_path, make_index):
+    store = Store(tmp_path, overwrite=True, index=make_index(tmp_path))
     first = make_instance(sop_uid="1.2.9", InstanceNumber=1)
     second = make_instance(sop_uid="1.2.9", InstanceNumber=2)
     o1, o2 = store.ingest_bytes(first), store.ingest_bytes(second)
@@ -209,8 +216,8 @@ def test_ingest_files_is_all_or_nothing(store, tmp_path):
     _check_consistent(store)
 
 
-def test_recovery_of_interrupted_ingests(tmp_path):
-    store = Store(tmp_path)
+def test_recovery_of_interrupted_ingests(tmp_path, make_index):
+    store = Store(tmp_path, index=make_index(tmp_path))
     kept = store.ingest_bytes(_series(1)[0])
     # 1. a file staged but never indexed (crash before the commit)
     orphan = store.area.stage_bytes(_series(1, start=5)[0])
@@ -227,7 +234,7 @@ def test_recovery_of_interrupted_ingests(tmp_path):
 
     assert (store.area.storage.staging / orphan.uuid).exists()
     assert store.area.storage.path_of(doomed_uuid).exists()
-    reopened = Store(tmp_path)
+    reopened = Store(tmp_path, index=make_index(tmp_path))
     assert not (reopened.area.storage.staging / orphan.uuid).exists()
     assert reopened.read_file(parsed.ids.instance) == data
     assert reopened.area.storage.path_of(staged.uuid).exists()
@@ -239,10 +246,10 @@ def test_recovery_of_interrupted_ingests(tmp_path):
     reopened.close()
 
 
-def test_a_failure_after_the_commit_does_not_undo_the_ingest(tmp_path):
+def test_a_failure_after_the_commit_does_not_undo_the_ingest(tmp_path, make_index):
     """The row is committed: a file that cannot be moved into place is read from staging and
     published at the next start (it used to be discarded, leaving a row without its file)."""
-    store = Store(tmp_path)
+    store = Store(tmp_path, index=make_index(tmp_path))
     data = _series(1)[0]
 
     def failing_publish(uuid):
@@ -253,7 +260,7 @@ def test_a_failure_after_the_commit_does_not_undo_the_ingest(tmp_path):
     assert outcome.status == "Success"
     assert store.read_file(outcome.parsed.ids.instance) == data
     store.close()
-    reopened = Store(tmp_path)
+    reopened = Store(tmp_path, index=make_index(tmp_path))
     assert reopened.read_file(outcome.parsed.ids.instance) == data
     _check_consistent(reopened)
     reopened.close()
@@ -285,11 +292,11 @@ _WRITER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_kill_9_during_ingest_and_delete_leaves_a_consistent_store(tmp_path, storage_section):
+def test_kill_9_during_ingest_and_delete_leaves_a_consistent_store(tmp_path, storage_section, index_section):
     """A writer killed at random moments: after each restart the storage and index agree (on
-    the file system, and in a bucket)."""
+    the file system, and in a bucket; on SQLite and on PostgreSQL)."""
     repo = Path(__file__).resolve().parents[2]
-    options = {"StorageDirectory": str(tmp_path / "storage"), **storage_section()}
+    options = {"StorageDirectory": str(tmp_path / "storage"), **storage_section(), **index_section}
     for attempt, delay in enumerate((0.3, 0.55, 0.8, 1.1)):
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, json.dumps(options), str(repo)],
                                 stdout=subprocess.PIPE, text=True)
@@ -307,7 +314,7 @@ def test_kill_9_during_ingest_and_delete_leaves_a_consistent_store(tmp_path, sto
 def test_stored_content_is_what_orthanc_writes(make_config, compression):
     """On disk or in a bucket, an attachment holds the DICOM file, or with StorageCompression
     Orthanc's layout: the uncompressed size (uint64, little endian) then a zlib stream."""
-    store = open_store(make_config({"StorageCompression": compression}))
+    store = open_store(make_config({"StorageCompression": compression}))  # the index is not the point
     data = _series(1)[0]
     outcome = store.ingest_bytes(data)
     att = store.attachment(outcome.parsed.ids.instance)

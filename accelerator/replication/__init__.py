@@ -1,0 +1,1 @@
+"""Replication between Orthanc servers, and gateway mode (issue 11)."""
