@@ -92,6 +92,7 @@ class TransfersConfig:
     max_transfer_instances: int
     max_instance_size: int  # MiB
     max_transfer_size: int  # MiB
+    negotiated_codecs: bool = True  # offer and use codecs beyond gzip with our own peers
 
     @property
     def bucket_size_bytes(self) -> int:
@@ -507,6 +508,9 @@ _TRANSFERS_OPTIONS: tuple[_Option, ...] = (
     _Option("MaxTransferInstances", "max_transfer_instances", 50000, _integer(1)),
     _Option("MaxInstanceSize", "max_instance_size", 16384, _integer(1)),  # MiB
     _Option("MaxTransferSize", "max_transfer_size", 1048576, _integer(1)),  # MiB (1 TiB)
+    # Ours: advertise (GET /transfers/capabilities) and use with peers that advertise it too a
+    # codec better than gzip ("shuffle-zstd"); a real plugin always gets exactly what it knows.
+    _Option("NegotiatedCodecs", "negotiated_codecs", True, _boolean),
 )
 
 HYBRID_MODES: tuple[str, ...] = ("Disabled", "WriteToFileSystem", "WriteToObjectStorage")

@@ -52,6 +52,7 @@ __all__ = [
     "MAX_ANSWER",
     "SMALL_ANSWER",
     "PeerClient",
+    "advertised_codecs",
     "Peers",
     "join_url",
     "json_answer",
@@ -70,6 +71,9 @@ _PATH_SHOWN = 160  # a chunk GET path can hold dozens of ids: keep messages read
 MAX_ANSWER = 64 * 1024 * 1024  # bytes of an answer read whole, unless the call says otherwise
 SMALL_ANSWER = 64 * 1024  # bytes: ample for a creation answer ({"ID", "Path"})
 _PARSE_INLINE = 1 << 20  # bytes of JSON parsed on the event loop; larger answers in a thread
+CAPABILITIES = "/transfers/capabilities"  # ours: the codecs a peer decodes (404 on the plugin)
+CODECS_TTL = 60.0  # seconds a peer's advertised codecs are trusted (a restart may change them)
+_MAX_CODECS = 16
 
 # Errors worth another attempt: the request may not have reached the peer, or its answer was lost
 # or mangled on the way. TLS verification failures are ConnectErrors too; retrying them only costs
@@ -102,6 +106,15 @@ def json_answer(response: httpx.Response, *, what: str = "the answer") -> Any:
             f"{request.method} {request.url}: {what} is not valid JSON ({exc}): "
             f"{snippet or '(empty body)'}"
         ) from None
+
+
+def advertised_codecs(answer: Any) -> tuple[str, ...]:
+    """The "Codecs" an answer of ours carries (capabilities, lookup); () for anything else,
+    e.g. the plugin's lookup answer, which has no such key."""
+    codecs = answer.get("Codecs") if isinstance(answer, dict) else None
+    if not isinstance(codecs, list):
+        return ()
+    return tuple(c for c in codecs[:_MAX_CODECS] if isinstance(c, str) and len(c) <= 32)
 
 
 def _snippet(body: bytes) -> str:
@@ -212,6 +225,8 @@ class PeerClient:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._closed = False
+        self._codecs: tuple[str, ...] = ()
+        self._codecs_until = float("-inf")
 
     # -- properties --------------------------------------------------------------------------
 
@@ -299,6 +314,25 @@ class PeerClient:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+
+    # -- what the peer can decode (ours only; the plugin has no such route) --------------------
+
+    async def codecs(self) -> tuple[str, ...]:
+        """The codecs the peer advertises at `GET /transfers/capabilities`; () for a real plugin
+        (404) and when the peer cannot say, which means plain gzip. One attempt, bounded by
+        `PeerConnectivityTimeout`, remembered for CODECS_TTL seconds."""
+        now = anyio.current_time()
+        if now < self._codecs_until:
+            return self._codecs
+        timeout = float(self.config.transfers.peer_connectivity_timeout)
+        try:
+            response = await self.request("GET", CAPABILITIES, timeout=timeout, retries=0, what="capabilities",
+                                          max_body=SMALL_ANSWER, accept_statuses=_NOT_200)
+            answer = json_answer(response) if response.status_code == 200 else None
+        except NetworkProtocol:
+            answer = None
+        self._codecs, self._codecs_until = advertised_codecs(answer), now + CODECS_TTL
+        return self._codecs
 
     # -- requests ----------------------------------------------------------------------------
 

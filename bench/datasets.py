@@ -18,6 +18,9 @@ Kinds (defaults):
   ct     300 CT slices 512x512 16-bit (~0.52 MB each) in 3 series, from CT_small.dcm
   small  2000 CT/MR images of 10-40 kB in 8 series, from CT_small.dcm and MR_small.dcm
   large  3 multi-frame instances of 224 frames 512x512 (~117 MB each), from CT/MR frames
+  mr     440 MR slices 256x256 16-bit (12 bits stored, ~0.13 MB each) in 3 series, from the real
+         MR files of pydicom-data (MR2_UNCR.dcm, MR-SIEMENS-DICOM-WithOverlays.dcm, emri_small.dcm's
+         10 frames), with MR-like low noise (0..6) instead of CT's: MR and CT compress differently
   jpeg   80 instances: 5 copies of each of 16 JPEG / JPEG-LS / JPEG 2000 encoded files, one
          series per file (~12 MB, 3 kB..830 kB each). The compressed pixel data is copied as is
          (there is no encoder here), only the header changes.
@@ -61,9 +64,10 @@ IMPLEMENTATION_UID = UID(UID_PREFIX + "77.1")
 IMPLEMENTATION_VERSION = "ACCEL_BENCH_1"
 NAMESPACE = "accelerator-bench"
 
-KINDS = ("ct", "small", "large", "jpeg")
+KINDS = ("ct", "small", "large", "jpeg", "mr")
 DEFAULTS = {
     "ct": {"instances": 300, "matrix": 512},
+    "mr": {"instances": 440, "matrix": 256},
     "small": {"instances": 2000},
     "large": {"instances": 3, "frames": 224, "matrix": 512},
     "jpeg": {"instances": 80},
@@ -99,6 +103,12 @@ JPEG_SOURCES = (
 
 NOISE_TABLE = bytes((b & 15) + (b >> 4) for b in range(256))  # triangular 0..30, like CT noise
 NOISE_MAX = 30
+MR_NOISE_TABLE = bytes((b & 3) + (b >> 6) for b in range(256))  # triangular 0..6: MR's lower noise
+MR_NOISE_MAX = 6
+# (pixel source, header source, series description) per series of the "mr" kind: real MR files.
+MR_LAYOUT = (("MR2_UNCR.dcm", "MR2_UNCR.dcm", "T2 axial"),
+             ("MR-SIEMENS-DICOM-WithOverlays.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm", "T1 sagittal"),
+             ("emri_small.dcm", "emri_small.dcm", "multi-slice"))
 WAVE_AMP = 40        # shading that drifts through the volume (beam-hardening-like)
 
 
@@ -305,9 +315,9 @@ def _base_image(name: str, frame: int, rows: int, cols: int, orientation: int = 
 
 
 @lru_cache(maxsize=8)
-def _noise(key: str, pixels: int) -> bytes:
-    """Deterministic triangular noise 0..30 per 16-bit pixel (SHAKE-256, C speed)."""
-    raw = hashlib.shake_256(f"{NAMESPACE}|noise|{key}".encode()).digest(pixels).translate(NOISE_TABLE)
+def _noise(key: str, pixels: int, table: bytes = NOISE_TABLE) -> bytes:
+    """Deterministic triangular noise (0..30 by default) per 16-bit pixel (SHAKE-256, C speed)."""
+    raw = hashlib.shake_256(f"{NAMESPACE}|noise|{key}".encode()).digest(pixels).translate(table)
     buf = bytearray(2 * pixels)
     buf[0::2] = raw
     return bytes(buf)
@@ -345,10 +355,10 @@ class _Varier:
     real image plus CT-like noise.
     """
 
-    def __init__(self, key: str, rows: int, cols: int):
+    def __init__(self, key: str, rows: int, cols: int, table: bytes = NOISE_TABLE):
         self.rows, self.cols, self.n = rows, cols, rows * cols
         self.extra = cols * max(8, rows // 4)
-        self.noise = _noise(f"{key}|{rows}x{cols}", self.n + self.extra)
+        self.noise = _noise(f"{key}|{rows}x{cols}", self.n + self.extra, table)
         self.period = max(4, rows // 2)
         self.wave = _wave(rows, cols, self.period)
         self.offsets = _xorshift(int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little"))
@@ -530,6 +540,27 @@ def _plan_ct(study: _Study, instances: int, matrix: int) -> Iterator[_Instance]:
             g += 1
 
 
+def _plan_mr(study: _Study, instances: int, matrix: int) -> Iterator[_Instance]:
+    """Three series of real MR images resized to matrix x matrix; the multi-frame source gives
+    one slice per frame, cycled. Slices vary like the CT's, with MR's lower noise."""
+    for k, count in enumerate(_split(instances, min(len(MR_LAYOUT), instances))):
+        pix_name, hdr_name, description = MR_LAYOUT[k]
+        src = _source(hdr_name)
+        nframes = len(_frames_of(pix_name)[2])
+        bases = [_base_image(pix_name, f, matrix, matrix, 0) for f in range(nframes)]
+        varier = _Varier(f"{study.key}|mr{k}", matrix, matrix, MR_NOISE_TABLE)
+        tmpl = _series_template(study, src, series_number=k + 1, description=f"{description} from {pix_name}",
+                                source=pix_name)
+        if "NumberOfFrames" in tmpl:  # a frame of a multi-frame source becomes one slice
+            del tmpl.NumberOfFrames
+        tmpl = _uncompressed_template(tmpl, matrix, matrix, 1,
+                                      max(b.max_value for b in bases) + MR_NOISE_MAX + WAVE_AMP, src.Rows)
+        for s in range(count):
+            pixels = varier.frame(bases[s % nframes], s)
+            yield _uncompressed_instance(study, tmpl, f"series{k + 1:02d}/mr{s + 1:05d}.dcm", s + 1, pix_name,
+                                         [pixels], 1, len(pixels), ("mr", k, s))
+
+
 def _plan_small(study: _Study, instances: int) -> Iterator[_Instance]:
     counts = _split(instances, min(len(SMALL_LAYOUT), instances))
     for k, count in enumerate(counts):
@@ -599,7 +630,7 @@ def _resolve(kind: str, instances: int | None, frames: int | None, matrix: int |
     if frames is not None and "frames" not in d:
         raise ValueError("--frames applies to 'large' only")
     if matrix is not None and "matrix" not in d:
-        raise ValueError("--matrix applies to 'ct' and 'large' only")
+        raise ValueError("--matrix applies to 'ct', 'mr' and 'large' only")
     params = {"instances": d["instances"] if instances is None else instances}
     if "frames" in d:
         params["frames"] = d["frames"] if frames is None else frames
@@ -622,6 +653,8 @@ def _plan(kind: str, seed: int, params: dict) -> tuple[_Study, Iterator[_Instanc
         it = _plan_small(study, n)
     elif kind == "large":
         it = _plan_large(study, n, params["frames"], params["matrix"])
+    elif kind == "mr":
+        it = _plan_mr(study, n, params["matrix"])
     else:
         it = _plan_jpeg(study, n)
     return study, it
@@ -632,6 +665,8 @@ def _sources_for(kind: str, params: dict) -> list[str]:
         return ["CT_small.dcm"]
     if kind == "small":
         return sorted({s for s, _ in SMALL_LAYOUT[:min(len(SMALL_LAYOUT), params["instances"])]})
+    if kind == "mr":
+        return sorted({src for layout in MR_LAYOUT[:min(len(MR_LAYOUT), params["instances"])] for src in layout[:2]})
     if kind == "large":
         used = LARGE_LAYOUT[:min(len(LARGE_LAYOUT), params["instances"])]
         return sorted({s for pair in used for s in pair})
@@ -759,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--instances", type=int)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--frames", type=int, help="frames per instance ('large' only)")
-    ap.add_argument("--matrix", type=int, help="rows = columns ('ct' and 'large' only)")
+    ap.add_argument("--matrix", type=int, help="rows = columns ('ct', 'mr' and 'large' only)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:

@@ -15,22 +15,28 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from protocol.errors import BadParameterType, UnknownResource
-from protocol.messages import Bucket, Chunk, bucket_size, parse_compression
+from protocol.messages import GZIP, NONE, Bucket, Chunk, bucket_size, parse_wire_compression
 
 CHUNKS_PATH = "/transfers/chunks/"
 _IDS = re.compile(r"[.0-9a-f-]+", re.ASCII)
 _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)  # what boost::lexical_cast<int> accepts
 _INT32_MAX = 2**31 - 1
+_MAX_LEVEL = 19  # zstd's highest ordinary level
 
 
-def chunk_uri(bucket: Sequence[Chunk], compression: str) -> str:
-    """The pull URI of a bucket, argument order exactly offset, size, compression (spec 6.1)."""
+def chunk_uri(bucket: Sequence[Chunk], compression: str, level: int | None = None) -> str:
+    """The pull URI of a bucket, argument order exactly offset, size, compression (spec 6.1).
+
+    `level` (an extra argument, which the plugin would ignore) asks one of our peers for a codec
+    level chosen from the link's speed; it is never added for the plugin's two compressions.
+    """
     if not bucket:
         raise ValueError("an empty bucket has no chunk URI")
     ids = ".".join(chunk.instance_id for chunk in bucket)
+    extra = f"&level={level}" if level is not None and compression not in (GZIP, NONE) else ""
     return (
         f"{CHUNKS_PATH}{ids}?offset={bucket[0].offset}&size={bucket_size(bucket)}"
-        f"&compression={compression}"
+        f"&compression={compression}{extra}"
     )
 
 
@@ -42,6 +48,7 @@ class ChunkRequest:
     offset: int
     size: int
     compression: str
+    level: int | None = None  # our codecs' level, asked by one of our peers (ignored for gzip)
 
 
 def parse_chunk_request(ids_text: str, query: Mapping[str, str] | Iterable[tuple[str, str]]) -> ChunkRequest:
@@ -50,12 +57,13 @@ def parse_chunk_request(ids_text: str, query: Mapping[str, str] | Iterable[tuple
     `ids_text` is the path part after `/transfers/chunks/`. Arguments are read in order, the last
     occurrence wins and unknown ones are ignored, as in the plugin: `offset`/`size` must read as a
     signed 32-bit integer >= 0 (BadParameterType), `compression` is exactly `none` or `gzip`
-    (ParameterOutOfRange). IDs are not checked against the store here: like the plugin, an unknown
+    (ParameterOutOfRange), or a codec of ours (whether it is enabled is the route's business),
+    and `level`, ours too, a small integer (BadParameterType). IDs are not checked against the store here: like the plugin, an unknown
     ID is only an error (404) if the requested range reaches it.
     """
     if not _IDS.fullmatch(ids_text):
         raise UnknownResource(f"Not a list of instance identifiers: {ids_text!r}")
-    offset, size, compression = 0, 0, "none"
+    offset, size, compression, level = 0, 0, "none", None
     pairs = query.items() if isinstance(query, Mapping) else query
     for key, value in pairs:
         if key == "offset":
@@ -63,8 +71,10 @@ def parse_chunk_request(ids_text: str, query: Mapping[str, str] | Iterable[tuple
         elif key == "size":
             size = _size_argument(key, value)
         elif key == "compression":
-            compression = parse_compression(value)
-    return ChunkRequest(tuple(ids_text.split(".")), offset, size, compression)
+            compression = parse_wire_compression(value)
+        elif key == "level":
+            level = _level_argument(value)
+    return ChunkRequest(tuple(ids_text.split(".")), offset, size, compression, level)
 
 
 def parse_chunk_uri(uri: str) -> ChunkRequest:
@@ -82,6 +92,12 @@ def _size_argument(key: str, value: str) -> int:
         if 0 <= number <= _INT32_MAX:
             return number
     raise BadParameterType(f'The "{key}" GET argument must be a non-negative 32-bit integer: {value!r}')
+
+
+def _level_argument(value: str) -> int:
+    if len(value) <= 2 and value.isascii() and value.isdigit() and 1 <= int(value) <= _MAX_LEVEL:
+        return int(value)
+    raise BadParameterType(f'The "level" GET argument must be an integer from 1 to {_MAX_LEVEL}: {value[:20]!r}')
 
 
 @dataclass(frozen=True, slots=True)

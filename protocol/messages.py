@@ -22,6 +22,10 @@ from protocol.resources import Level, is_orthanc_id
 GZIP = "gzip"
 NONE = "none"
 COMPRESSIONS = (GZIP, NONE)
+# Between two accelerator daemons only, once the peer advertised it (never sent to the plugin,
+# never accepted in a user's transfer query): see protocol/shuffle_zstd.py.
+SHUFFLE_ZSTD = "shuffle-zstd"
+WIRE_COMPRESSIONS = (GZIP, NONE, SHUFFLE_ZSTD)
 
 MIB = 1024 * 1024
 MAX_SIZE = 2**63 - 1  # the index stores sizes as SQLite int64; nothing real comes close
@@ -46,6 +50,15 @@ def parse_compression(value: Any) -> str:
     if value not in COMPRESSIONS:
         raise ParameterOutOfRange(f'Valid compressions are "gzip" and "none", not {value!r}')
     return value
+
+
+def parse_wire_compression(value: Any) -> str:
+    """A bucket encoding on the wire (chunk requests, push transactions): the plugin's two, or one
+    of ours that only our peers send once we advertised it (whether it is enabled is checked by
+    the routes)."""
+    if isinstance(value, str) and value in WIRE_COMPRESSIONS:
+        return value
+    return parse_compression(value)
 
 
 def parse_size(value: Any, field: str = "Size") -> int:
@@ -201,6 +214,8 @@ class TransferQuery:
 
     `priority`, `originator` and `sender_transfer_id` are None when absent, so that `to_json()`
     reproduces what was sent (the bidirectional trigger carries an Originator and no Priority).
+    `strict` (our `"StrictCompression": true`, a field the plugin ignores) keeps exactly the
+    compression asked for: otherwise "gzip" to a peer that advertises a better codec uses it.
     """
 
     resources: tuple[Resource, ...]
@@ -209,6 +224,7 @@ class TransferQuery:
     priority: int | None = None
     originator: str | None = None
     sender_transfer_id: str | None = None
+    strict: bool = False
 
     @property
     def job_priority(self) -> int:
@@ -231,6 +247,7 @@ class TransferQuery:
             priority=_parse_priority(obj),
             originator=_optional_string(obj, "Originator"),
             sender_transfer_id=_optional_string(obj, "SenderTransferID"),
+            strict=_parse_strict(obj),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -245,7 +262,16 @@ class TransferQuery:
             body["Originator"] = self.originator
         if self.sender_transfer_id is not None:
             body["SenderTransferID"] = self.sender_transfer_id
+        if self.strict:
+            body["StrictCompression"] = True
         return body
+
+
+def _parse_strict(obj: Mapping[str, Any]) -> bool:
+    value = obj.get("StrictCompression", False)
+    if not isinstance(value, bool):
+        raise BadFileFormat("StrictCompression should be a Boolean")
+    return value
 
 
 def _parse_priority(obj: Mapping[str, Any]) -> int | None:
@@ -325,7 +351,7 @@ class PushTransaction:
             raise BadFileFormat("Compression should be a string")
         instances = _parse_instances(obj["Instances"])
         buckets = tuple(parse_bucket(b) for b in _array(obj["Buckets"], "Buckets"))
-        return cls(instances, buckets, parse_compression(obj["Compression"]))
+        return cls(instances, buckets, parse_wire_compression(obj["Compression"]))
 
     def to_json(self) -> dict[str, Any]:
         return {

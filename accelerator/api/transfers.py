@@ -14,13 +14,14 @@ from starlette.routing import Route
 from accelerator import __version__
 from accelerator.api.core import route
 from accelerator.api.http import json_answer, parse_json, read_body
+from accelerator.api.replication import gateway_fetch
 from accelerator.peers import SMALL_ANSWER
 from accelerator.transfers import pull, push, source
 from accelerator.transfers.budget import ByteBudget
 from accelerator.transfers.receiver import PushReceiver
 from protocol import codecs
 from protocol.chunks import parse_chunk_request
-from protocol.errors import BadFileFormat, BodyTooLarge, NetworkProtocol, OrthancError
+from protocol.errors import BadFileFormat, BodyTooLarge, NetworkProtocol, OrthancError, ParameterOutOfRange
 from protocol.messages import (
     Created,
     LookupAnswer,
@@ -65,16 +66,37 @@ async def get_plugin(request: Request) -> Response:
 
 # -- source role -------------------------------------------------------------------------------
 
+def _codecs(request: Request) -> list[str]:
+    """What we advertise to our peers (beyond the plugin's protocol): a puller learns it from our
+    lookup answer ("Codecs", a key the plugin ignores), a pusher from GET /transfers/capabilities
+    (404 on the plugin). Nothing beyond gzip when `Transfers.NegotiatedCodecs` is off."""
+    if request.app.state.config.transfers.negotiated_codecs:
+        return list(codecs.available())
+    return [codecs.GZIP, codecs.NONE]
+
+
+def _check_enabled(request: Request, compression: str) -> None:
+    """A codec we do not advertise is refused as the plugin refuses it (400)."""
+    if compression not in _codecs(request):
+        raise ParameterOutOfRange(f'Valid compressions are "gzip" and "none", not {compression!r}')
+
+
+async def get_capabilities(request: Request) -> Response:
+    return json_answer({"Codecs": _codecs(request)})
+
+
 async def post_lookup(request: Request) -> Response:
     resources = parse_lookup_request(await _json_body(request))
+    await gateway_fetch(request, resources)  # gateway mode: from the Orthanc behind us first
     store = request.app.state.store
     instances = await to_thread.run_sync(source.lookup, store, resources)
     answer = LookupAnswer.build(instances, request.app.state.originator)
-    return json_answer(answer.to_json(), compact=True)
+    return json_answer(dict(answer.to_json(), Codecs=_codecs(request)), compact=True)
 
 
 async def get_chunks(request: Request) -> Response:
     chunk = parse_chunk_request(request.path_params["ids"], request.query_params.multi_items())
+    _check_enabled(request, chunk.compression)
     store = request.app.state.store
     async with _chunk_slots(request):  # at most `Threads` chunks served at once (spec 3.3)
         reads = await to_thread.run_sync(source.plan_reads, store, chunk)
@@ -83,19 +105,20 @@ async def get_chunks(request: Request) -> Response:
         if total <= IN_MEMORY_CHUNK_LIMIT:
             async with _chunk_memory(request).hold(total):
                 parts = await to_thread.run_sync(source.read, store, reads)
-                if chunk.compression == codecs.GZIP:
-                    body = await to_thread.run_sync(codecs.encode_parts, parts, chunk.compression)
+                if chunk.compression != codecs.NONE:
+                    body = await to_thread.run_sync(codecs.encode_parts, parts, chunk.compression, chunk.level)
                 else:
                     body = b"".join(parts)
                 del parts
             return Response(body, media_type=media_type)
-    return _streamed_chunk(store, reads, total, chunk.compression, media_type)
+    return _streamed_chunk(store, reads, total, chunk.compression, media_type, chunk.level)
 
 
-def _streamed_chunk(store, reads, total: int, compression: str, media_type: str) -> Response:
+def _streamed_chunk(store, reads, total: int, compression: str, media_type: str,
+                    level: int | None = None) -> Response:
     """A chunk larger than IN_MEMORY_CHUNK_LIMIT: read, and compress, block by block."""
     blocks = source.read_blocks(store, reads, _FEED_BLOCK)
-    encoder = codecs.stream_encoder(compression)
+    encoder = codecs.stream_encoder(compression, level)
 
     async def body() -> AsyncIterator[bytes]:
         while (block := await to_thread.run_sync(next, blocks, None)) is not None:
@@ -134,6 +157,7 @@ async def post_pull(request: Request) -> Response:
 async def post_send(request: Request) -> Response:
     body, query = await _query(request)
     peer = request.app.state.peers.get(query.peer)
+    await gateway_fetch(request, query.resources)  # gateway mode: from the Orthanc behind us first
     remote_self = peer.peer.remote_self
     if remote_self is None:
         job_id = await request.app.state.jobs.submit(
@@ -143,7 +167,8 @@ async def post_send(request: Request) -> Response:
     response = await peer.request(
         "POST", "/transfers/pull",
         json={"Compression": query.compression, "Originator": request.app.state.originator,
-              "Peer": remote_self, "Resources": body["Resources"]},
+              "Peer": remote_self, "Resources": body["Resources"],
+              **({"StrictCompression": True} if query.strict else {})},  # ignored by the plugin
         headers={"sender-transfer-id": query.sender_transfer_id or str(uuid.uuid4()), "Expect": ""},
         what="request to pull from us (bidirectional send)", expect_json=True, max_body=SMALL_ANSWER,
     )
@@ -158,6 +183,7 @@ async def post_send(request: Request) -> Response:
 
 async def post_push(request: Request) -> Response:
     plan = PushTransaction.from_json(await _json_body(request))
+    _check_enabled(request, plan.compression)
     tx_id = await to_thread.run_sync(_receiver(request).create, plan)
     return json_answer(Created.push_transaction(tx_id).to_json())
 
@@ -211,6 +237,7 @@ def routes() -> list[Route]:
         route("/plugins", GET=get_plugins),
         route("/plugins/transfers", GET=get_plugin),
         route("/transfers/lookup", POST=post_lookup),
+        route("/transfers/capabilities", GET=get_capabilities),
         route("/transfers/pull", POST=post_pull),
         route("/transfers/send", POST=post_send),
         route("/transfers/chunks/{ids:path}", GET=get_chunks),

@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 from accelerator.store import FileToIngest
 from accelerator.store.dicom import parse_file
 from protocol.chunks import ScatterRange
-from protocol.codecs import stream_decoder
+from protocol.codecs import level_for_speed, stream_decoder
 from protocol.errors import BadFileFormat, FullStorage, ParameterOutOfRange, UnknownResource
 from protocol.messages import Bucket, InstanceInfo
 
@@ -47,6 +48,30 @@ def ensure_free_space(folder: Path, needed: int) -> None:
     if needed + FREE_SPACE_RESERVE > free:
         raise FullStorage(f"The transfer needs {needed} bytes; the disk of the storage area has {free} bytes "
                           f"free (with {FREE_SPACE_RESERVE} bytes kept in reserve)")
+
+
+class LinkMeter:
+    """Payload bytes per second a transfer moves over its link, all workers together, measured
+    as it runs (since the start: steady, not fooled by one slow bucket): what the sender's level
+    is chosen from (`level`). Until a few MB have moved, the defaults apply."""
+
+    WARMUP = 2 * 1024 * 1024  # bytes moved before the rate means anything
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.moved = 0
+
+    def add(self, wire_bytes: int) -> None:
+        self.moved += wire_bytes
+
+    @property
+    def rate(self) -> float | None:
+        elapsed = time.monotonic() - self.started
+        return self.moved / elapsed if self.moved >= self.WARMUP and elapsed > 0 else None
+
+    def level(self, compression: str) -> int | None:
+        """The level of `compression` for this link (None for "none")."""
+        return level_for_speed(compression, self.rate)
 
 
 class DownloadArea:

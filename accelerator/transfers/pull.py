@@ -11,11 +11,16 @@ that follows `Transfers.MaxTransferInstances`, checked against the transfer limi
 disk space before any plan is made, and the plan (a 1 TiB pull has 131,072 buckets) is made in a
 worker thread, off the event loop. The plan is saved once, in the job's checkpoint; a bucket that
 lands adds a line to the `LandedLog` of the download area instead of rewriting the plan.
+
+"gzip" from one of our daemons travels as shuffle-zstd when its lookup answer advertises it
+("Codecs", a key the plugin's answer lacks) and the query is not strict; the codec is saved with
+the plan (a restarted job keeps it) and its level follows the link's measured speed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -30,10 +35,18 @@ from anyio import to_thread
 
 from accelerator import metrics
 from accelerator.jobs.base import JobContext, JobFailure
-from accelerator.peers import PeerClient, Peers
+from accelerator.peers import PeerClient, Peers, advertised_codecs
 from accelerator.store import Store
-from accelerator.transfers.download import Assembly, DownloadArea, LandedLog, PayloadWriter, ensure_free_space
+from accelerator.transfers.download import (
+    Assembly,
+    DownloadArea,
+    LandedLog,
+    LinkMeter,
+    PayloadWriter,
+    ensure_free_space,
+)
 from accelerator.transfers.workers import Counters, run_pool
+from protocol import codecs
 from protocol.chunks import chunk_uri, scatter_ranges
 from protocol.errors import FullStorage, NetworkProtocol, OrthancError, ParameterOutOfRange
 from protocol.limits import TransferLimits
@@ -63,12 +76,14 @@ _DETAILS_SHOWN = 300  # characters of a peer's malformed answer quoted in a job'
 @dataclass(frozen=True)
 class Plan:
     """What a pull fetches, as saved once in the checkpoint. `landed` and `received` are what
-    the checkpoint itself recorded (checkpoints written before the `LandedLog` existed)."""
+    the checkpoint itself recorded (checkpoints written before the `LandedLog` existed); `codec`
+    is the encoding negotiated with the peer (None in older checkpoints: the query's)."""
 
     instances: list[InstanceInfo]
     buckets: list[Bucket]
     landed: frozenset[int] = frozenset()
     received: int = 0
+    codec: str | None = None
 
     @property
     def total_size(self) -> int:
@@ -76,14 +91,15 @@ class Plan:
 
     def to_state(self) -> dict[str, Any]:
         return {"instances": [i.to_json() for i in self.instances],
-                "buckets": [bucket_to_json(b) for b in self.buckets], "done": [], "received": 0}
+                "buckets": [bucket_to_json(b) for b in self.buckets], "done": [], "received": 0,
+                "codec": self.codec}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Plan:
         """Blocking for a large plan (100,000 buckets take half a second): call in a thread."""
         return cls([InstanceInfo.from_json(i) for i in state["instances"]],
                    [parse_bucket(b) for b in state["buckets"]],
-                   frozenset(state.get("done", ())), state.get("received", 0))
+                   frozenset(state.get("done", ())), state.get("received", 0), state.get("codec"))
 
 
 @dataclass
@@ -96,6 +112,7 @@ class _Download:
     log: LandedLog
     done: set[int] = field(default_factory=set)
     received: int = 0
+    meter: LinkMeter = field(default_factory=LinkMeter)
 
     def landed(self, index: int, writer: PayloadWriter) -> None:
         """Bucket `index` is written: verify, sync and parse what it completes, then log it.
@@ -143,6 +160,8 @@ class PullDriver:
             await to_thread.run_sync(Plan.from_state, state)
         if plan is None:
             return  # nothing to transfer
+        if plan.codec is not None and plan.codec != query.compression:
+            query = dataclasses.replace(query, compression=plan.codec)  # what the buckets travel in
         download = await to_thread.run_sync(self._open, ctx, plan)
         try:
             started = time.monotonic()
@@ -175,10 +194,12 @@ class PullDriver:
 
         async def fetch(index: int) -> None:
             with metrics.in_flight(metrics.PULL):
-                writer = await self._fetch(peer, query, buckets[index], index, download.area)
+                writer = await self._fetch(peer, query, buckets[index], index, download.area,
+                                           download.meter.level(query.compression))
             await to_thread.run_sync(download.landed, index, writer)
             download.done.add(index)
             download.received += writer.received
+            download.meter.add(writer.received)
             metrics.bucket_done(metrics.PULL, writer.received)
             counters.bucket_done(writer.received)
             ctx.report(content=counters.content("DownloadedSizeMB", download.received),
@@ -197,12 +218,13 @@ class PullDriver:
             await to_thread.run_sync(download.again, bad)
 
     async def _fetch(self, peer: PeerClient, query: TransferQuery, bucket: Bucket, index: int,
-                     area: DownloadArea) -> PayloadWriter:
+                     area: DownloadArea, level: int | None = None) -> PayloadWriter:
         """GET one bucket, streaming it into the instance files. The peer client retries the
         request up to its headers and cuts a body that is not complete by the peer's timeout;
-        a body that breaks, decodes badly or comes too late is fetched again here."""
+        a body that breaks, decodes badly or comes too late is fetched again here. `level` (the
+        negotiated codec's, from the link's speed) never reaches a plugin's URI."""
         size = bucket_size(bucket)
-        uri = chunk_uri(bucket, query.compression)
+        uri = chunk_uri(bucket, query.compression, level)
         for attempt in range(1 + self.retries):
             writer = area.payload_writer(scatter_ranges(bucket), query.compression, size, spool=False)
             async with peer.stream("GET", uri, what=f"GET bucket {index} ({size} bytes)") as response:
@@ -221,42 +243,52 @@ class PullDriver:
 
     async def _plan(self, ctx: JobContext, query: TransferQuery, peer: PeerClient) -> Plan | None:
         """Ask the peer what to fetch, check it, plan it (in a thread) and save the plan once."""
-        instances = await self._lookup(ctx, query, peer)
+        instances, offered = await self._lookup(ctx, query, peer)
+        codec = codecs.negotiate(query.compression, query.strict,
+                                 offered if self.peers.config.transfers.negotiated_codecs else ())
         if self.skip_stored or query_skip_stored(ctx.query):
             instances = await to_thread.run_sync(self._not_stored, instances)
         if not instances:
             await ctx.save(None, progress=1.0)
             return None
         await to_thread.run_sync(self.area(ctx, []).remove)  # a stale area, and its log, are not ours
-        plan, state = await to_thread.run_sync(self._make_plan, query, peer.url, instances)
-        await ctx.save(state, content={"TotalInstances": len(instances), "TotalSizeMB": size_mb(plan.total_size),
-                                       "CompletedHttpQueries": 0, "DownloadedSizeMB": 0},
+        plan, state = await to_thread.run_sync(self._make_plan, query, peer.url, instances, codec)
+        content = {"TotalInstances": len(instances), "TotalSizeMB": size_mb(plan.total_size),
+                   "CompletedHttpQueries": 0, "DownloadedSizeMB": 0}
+        if codec != query.compression:  # ours only: a job with a plugin has the plugin's fields
+            content["Codec"] = codec
+        await ctx.save(state, content=content,
                        progress=1 / (2 + len(plan.buckets)))
         return plan
 
-    async def _lookup(self, ctx: JobContext, query: TransferQuery, peer: PeerClient) -> list[InstanceInfo]:
+    async def _lookup(self, ctx: JobContext, query: TransferQuery, peer: PeerClient
+                      ) -> tuple[list[InstanceInfo], tuple[str, ...]]:
+        """The instances to fetch, and the codecs the peer advertises in its answer (ours add
+        "Codecs", the plugin's has none)."""
         response = await peer.request(
             "POST", "/transfers/lookup", json=lookup_request_to_json(query.resources),
             headers={"sender-transfer-id": sender_transfer_id(ctx), "Expect": ""}, what="lookup",
             expect_json=True, max_body=self.lookup_bound,
         )
-        lookup = await to_thread.run_sync(self._parse_lookup, query.peer, response.content)
+        lookup, offered = await to_thread.run_sync(self._parse_lookup, query.peer, response.content)
         if query.originator is not None and lookup.originator != query.originator:
             raise JobFailure(f"peer {query.peer!r} is not the server that asked for this pull "
                              f"(Originator {lookup.originator} != {query.originator}): check RemoteSelf")
-        return list(lookup.instances)
+        return list(lookup.instances), offered
 
-    def _parse_lookup(self, name: str, body: bytes) -> LookupAnswer:
+    def _parse_lookup(self, name: str, body: bytes) -> tuple[LookupAnswer, tuple[str, ...]]:
         """The lookup answer, within the transfer limits (blocking: tens of MB of JSON)."""
         try:
-            lookup = LookupAnswer.from_json(orjson.loads(body))
+            answer = orjson.loads(body)
+            lookup = LookupAnswer.from_json(answer)
         except (ValueError, OrthancError) as exc:
             raise NetworkProtocol(f"peer {name!r} answered a malformed lookup: {_clip(str(exc))}") from exc
         with _refused(name):
             self.limits.check(lookup.instances, "the lookup answer")
-        return lookup
+        return lookup, advertised_codecs(answer)
 
-    def _make_plan(self, query: TransferQuery, base_url: str, instances: list[InstanceInfo]) -> tuple[Plan, dict]:
+    def _make_plan(self, query: TransferQuery, base_url: str, instances: list[InstanceInfo],
+                   codec: str | None = None) -> tuple[Plan, dict]:
         """The plan and its checkpoint, once the disk has room (blocking: in a worker thread)."""
         total = sum(i.size for i in instances)
         size = adaptive_bucket_size(total, self.bucket_size, self.threads) if self.adaptive else self.bucket_size
@@ -264,7 +296,10 @@ class PullDriver:
             ensure_free_space(self.folder, total)
             self.limits.check_chunks(bucket_count_bound(instances, size),
                                      f"the plan at a bucket size of {size} bytes (Transfers.BucketSize)")
-        plan = Plan(instances, plan_pull_buckets(instances, size, base_url, query.compression))
+        # The plan (URL lengths) is the plugin's for the compression asked: the same buckets
+        # whatever the codec; our own server takes the few characters more of a codec's URI.
+        plan = Plan(instances, plan_pull_buckets(instances, size, base_url, query.compression),
+                    codec=codec or query.compression)
         return plan, plan.to_state()
 
     def _not_stored(self, instances: list[InstanceInfo]) -> list[InstanceInfo]:

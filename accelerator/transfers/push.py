@@ -4,6 +4,10 @@
 Every PUT that succeeded is recorded in the checkpoint with the remote transaction's path, so a
 paused or restarted job sends only the buckets the receiver does not have; if the receiver has
 lost the transaction meanwhile (404), the push starts again with a new one.
+
+The transaction's encoding is negotiated at its creation: "gzip" to a peer that advertises
+shuffle-zstd at GET /transfers/capabilities (404 on the plugin) uses it unless the query is
+strict; the level (zstd's, or deflate's for plain gzip) follows the link's measured speed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from accelerator.peers import SMALL_ANSWER, Peers
 from accelerator.store import Store
 from accelerator.transfers import source
 from accelerator.transfers.budget import ByteBudget
+from accelerator.transfers.download import LinkMeter
 from accelerator.transfers.pull import sender_transfer_id
 from accelerator.transfers.workers import Counters, run_pool
 from protocol import codecs
@@ -143,9 +148,17 @@ class PushDriver:
                        progress=1 / (2 + len(buckets)))
         return state
 
+    async def _codec(self, query: TransferQuery, peer) -> str:
+        """The encoding of a new transaction: "gzip" becomes the better codec when the peer is
+        one of ours that advertises it (a plugin answers 404 to the question: plain gzip)."""
+        if query.compression != codecs.GZIP or query.strict or not self.peers.config.transfers.negotiated_codecs:
+            return query.compression
+        return codecs.negotiate(query.compression, query.strict, await peer.codecs())
+
     async def _create(self, ctx: JobContext, query: TransferQuery, peer, state: dict) -> dict:
+        codec = await self._codec(query, peer)
         plan = PushTransaction(tuple(InstanceInfo.from_json(i) for i in state["instances"]),
-                               tuple(parse_bucket(b) for b in state["buckets"]), query.compression)
+                               tuple(parse_bucket(b) for b in state["buckets"]), codec)
         response = await peer.request(
             "POST", "/transfers/push", json=plan.to_json(), timeout=self.commit_timeout,
             headers={"sender-transfer-id": sender_transfer_id(ctx), "Expect": ""},
@@ -155,8 +168,9 @@ class PushDriver:
             created = Created.from_json(response.json())
         except (ValueError, OrthancError) as exc:
             raise NetworkProtocol(f"peer {query.peer!r} answered a malformed push creation: {exc}") from exc
-        state = dict(state, transaction=created.path, cookie=_cookie(response.headers))
-        await ctx.save(state)
+        state = dict(state, transaction=created.path, cookie=_cookie(response.headers), codec=codec)
+        # "Codec" only when it is not the compression asked: a push to a plugin keeps its fields.
+        await ctx.save(state, content={"Codec": codec} if codec != query.compression else None)
         return state
 
     async def _send(self, ctx: JobContext, query: TransferQuery, peer, state: dict) -> None:
@@ -165,11 +179,13 @@ class PushDriver:
         counters = Counters(len(buckets), completed=len(done))
         sent = state.get("sent", 0)
         headers = dict(self._headers(ctx, state), **{"Content-Type": "application/octet-stream"})
+        codec = state.get("codec") or query.compression  # older checkpoints: the query's
+        meter = LinkMeter()
 
         async def put(index: int) -> None:
             nonlocal sent
             async with self.memory.hold(bucket_size(buckets[index])), metrics.in_flight(metrics.PUSH):  # bounded
-                body = await to_thread.run_sync(self._payload, buckets[index], query.compression)
+                body = await to_thread.run_sync(self._payload, buckets[index], codec, meter.level(codec))
                 response = await peer.request(
                     "PUT", f"{state['transaction']}/{index}", content=body, headers=headers,
                     what=f"PUT bucket {index}", accept_statuses=(404,))
@@ -177,6 +193,7 @@ class PushDriver:
                 raise TransactionLost()
             done.add(index)
             sent += len(body)
+            meter.add(len(body))
             metrics.bucket_done(metrics.PUSH, len(body))
             counters.bucket_done(len(body))
             state.update(done=sorted(done), sent=sent)
@@ -185,11 +202,11 @@ class PushDriver:
 
         await run_pool([i for i in range(len(buckets)) if i not in done], self.threads, put)
 
-    def _payload(self, bucket, compression: str) -> bytes:
+    def _payload(self, bucket, compression: str, level: int | None = None) -> bytes:
         """Read the bucket's ranges from the storage area (sizes come from the index) and encode."""
         reads = [(self.store.attachment(c.instance_id), ReadRange(c.instance_id, c.offset, c.size))
                  for c in bucket]
-        return codecs.encode_parts(source.read(self.store, reads), compression)
+        return codecs.encode_parts(source.read(self.store, reads), compression, level)
 
     @staticmethod
     def _headers(ctx: JobContext, state: dict) -> dict[str, str]:
