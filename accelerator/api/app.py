@@ -35,10 +35,11 @@ from accelerator.replication.sides import SideOpener
 from accelerator.store import Store
 from accelerator.store.hybrid import HybridStorage
 from accelerator.store.index import IndexBase
-from accelerator.store.objects import ObjectStorageSettings, object_storage
-from accelerator.store.storage import FileSystemStorage, Storage
+from accelerator.store.objects import ObjectStorage, ObjectStorageSettings, object_storage
+from accelerator.store.storage import OBJECT_STORAGE, FileSystemStorage, Storage
 from accelerator.transfers import pull, push, store_peer
 from accelerator.transfers.receiver import PushReceiver
+from accelerator.transfers.shared_receiver import SharedPushReceiver
 from protocol.errors import OrthancError
 
 TRANSFERS_FOLDER = ".transfers"  # download areas, next to the storage area (same filesystem)
@@ -142,16 +143,36 @@ def create_app(config: Config, store: Store | None = None, *, peers_: Peers | No
     app.state.peers = peer_clients
     app.state.jobs = engine
     app.state.gateway = gateway
-    app.state.receiver = PushReceiver(
-        store,
-        Path(config.storage_directory) / TRANSFERS_FOLDER / "push",
+    app.state.receiver = _push_receiver(config, store)
+    return app
+
+
+def _push_receiver(config: Config, store: Store) -> PushReceiver:
+    """The push receiver; replicas (a shared PostgreSQL index without `Lock`, and object
+    storage) keep their transactions where every replica can continue them."""
+    options = dict(
         max_transactions=config.transfers.max_push_transactions,
         idle_timeout=config.transfers.push_transaction_timeout,
         limits=config.transfers.limits,
         commit_threads=config.transfers.commit_threads_count,
         drain_timeout=config.http_request_timeout + 1,  # the body of a stalled PUT is cut by then
     )
-    return app
+    folder = Path(config.storage_directory) / TRANSFERS_FOLDER / "push"
+    shared = shared_objects(store.area.storage)
+    index = config.postgresql_index
+    if index is not None and not index.lock and shared is not None:
+        return SharedPushReceiver(store, folder, shared, **options)
+    return PushReceiver(store, folder, **options)
+
+
+def shared_objects(storage: Storage) -> ObjectStorage | None:
+    """The object storage of the storage area, if it has one."""
+    if isinstance(storage, ObjectStorage):
+        return storage
+    if isinstance(storage, HybridStorage):
+        side = storage.sides.get(OBJECT_STORAGE)
+        return side if isinstance(side, ObjectStorage) else None
+    return None
 
 
 def _jobs_engine(config: Config, store: Store, peer_clients: Peers, gateway: Gateway | None = None) -> JobsEngine:

@@ -387,6 +387,41 @@ class ObjectStorage(Storage):
         except Exception as exc:
             raise self._error("list", self.root or "/", exc) from None
 
+    # -- blobs: state that replicas share (push transactions), beside the attachments --------
+
+    def blob_key(self, name: str) -> str:
+        return f"{self.root}/{name}" if self.root else name
+
+    def put_blob(self, name: str, data: bytes) -> None:
+        key = self.blob_key(name)
+        try:
+            obstore.put(self.store, key, data)
+        except Exception as exc:
+            raise self._error("write", key, exc) from None
+
+    def get_blob(self, name: str) -> bytes | None:
+        """The blob, or None when there is none."""
+        key = self.blob_key(name)
+        try:
+            return bytes(obstore.get(self.store, key).bytes())
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._error("read", key, exc) from None
+
+    def list_blobs(self, prefix: str) -> list[tuple[str, float]]:
+        """(name relative to the root, last modified as a POSIX time) of the blobs under a prefix."""
+        start = self.blob_key(prefix)
+        skip = len(self.root) + 1 if self.root else 0
+        try:
+            return [(str(meta["path"])[skip:], meta["last_modified"].timestamp())
+                    for page in obstore.list(self.store, prefix=start, chunk_size=LIST_PAGE) for meta in page]
+        except Exception as exc:
+            raise self._error("list", start, exc) from None
+
+    def delete_blob(self, name: str) -> None:
+        self._delete(self.blob_key(name))
+
     # -- errors ------------------------------------------------------------------------------
 
     def _where(self) -> str:

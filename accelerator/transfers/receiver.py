@@ -260,6 +260,11 @@ class PushReceiver:
     def land(self, tx: Transaction, index: int, writer: PayloadWriter) -> None:
         """Check the spooled bucket's size, write it into its instances and prepare those it
         completes (blocking). Instances already verified, or being verified, keep their bytes."""
+        self.assemble(tx, index, writer)
+        metrics.push_bucket_received(writer.received)
+
+    def assemble(self, tx: Transaction, index: int, writer: PayloadWriter) -> None:
+        """`land` without counting the bucket as received from the network."""
         self._check_open(tx)
         instances = {chunk.instance_id for chunk in tx.plan.buckets[index] if chunk.size}
         claimed = tx.assembly.claim(instances)
@@ -270,7 +275,6 @@ class PushReceiver:
             raise
         tx.assembly.landed(index, writer.digests, claimed)
         tx.log.landed(index, writer.received)
-        metrics.push_bucket_received(writer.received)
         with self._lock:
             tx.landed.add(index)
         self._check_open(tx)  # discarded meanwhile: the pusher must not believe it landed
