@@ -58,7 +58,7 @@ def render(port: int, backends: list[str], mode: str = "round-robin", *, bind: s
         f"    timeout server {timeout}s",
         "    option redispatch",  # a request for a dead replica goes to a live one
         "    retries 3",
-        "    retry-on conn-failure empty-response response-timeout",
+        "    retry-on conn-failure",  # never reached a replica: safe to send to another
         f"frontend accelerator",
         f"    bind {bind}:{port}",
         "    default_backend replicas",
