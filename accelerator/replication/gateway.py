@@ -120,10 +120,13 @@ class Gateway:
 
     async def forward(self, instance_ids: list[str]) -> None:
         """Make the Orthanc hold these instances of ours, checked by MD5; an instance deleted
-        from our store since is skipped. Raises if the Orthanc does not take one."""
+        from our store since is skipped. An Orthanc that is away raises (the page is tried again
+        later); one that answers but refuses an instance (its filters, an unsupported file) gets
+        that instance logged and left in our store, so one bad file never holds up the rest."""
         ours = await self.local.md5s(instance_ids)
         theirs = await self.orthanc.md5s(ours)
         missing = [i for i, md5 in ours.items() if theirs.get(i) != md5]
+        refused: dict[str, str] = {}
 
         async def send(position: int) -> None:
             instance = missing[position]
@@ -131,18 +134,29 @@ class Gateway:
                 data = await self.local.read(instance)
             except UnknownResource:
                 return
-            await self.orthanc.write(instance, data)
+            try:
+                await self.orthanc.write(instance, data)
+            except OrthancError as exc:
+                refused[instance] = str(exc.details or exc)
 
         await run_pool(range(len(missing)), self.settings.workers, send)
         checked = await self.orthanc.md5s(missing)
-        wrong = [i for i in missing if i in ours and checked.get(i) != ours[i]]
-        if wrong:
-            raise NetworkProtocol(f"{self.name} does not hold {len(wrong)} forwarded instance(s) with their MD5 "
-                                  f"(first: {wrong[0]})")
+        for instance in missing:
+            if instance in ours and checked.get(instance) != ours[instance] and instance not in refused:
+                refused[instance] = f"{self.name} holds MD5 {checked.get(instance)} instead of {ours[instance]}"
+        if refused:
+            await self._check_reachable()  # away: raise, and the whole page is tried again
+            for instance, reason in sorted(refused.items()):
+                log.error("gateway: %s did not take instance %s, kept in our store: %s", self.name, instance, reason)
+        forwarded = [i for i in missing if i in ours and i not in refused]
         if not self.settings.keep_copies:
-            await to_thread.run_sync(self._drop, missing)  # not what came from the Orthanc itself
-        if missing:
-            log.info("gateway: forwarded %d instance(s) to %s", len(missing), self.name)
+            await to_thread.run_sync(self._drop, forwarded)  # not what came from the Orthanc itself
+        if forwarded:
+            log.info("gateway: forwarded %d instance(s) to %s", len(forwarded), self.name)
+
+    async def _check_reachable(self) -> None:
+        await self.orthanc.client.request("GET", "/system", what="system of the gateway's Orthanc",
+                                          max_body=LISTING_ANSWER, retries=0)
 
     def _drop(self, instance_ids: list[str]) -> None:
         for instance in instance_ids:

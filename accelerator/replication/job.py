@@ -331,8 +331,8 @@ class ReplicateDriver:
         state = progress.checkpoint()
         current = state.get("Batch")
         if not current or set(current["Instances"]) != {e.id for e in batch}:
-            number = int((current or {}).get("Number", -1)) + 1
-            state.update(Batch={"Number": number, "Instances": [e.id for e in batch]})
+            number = int(state.get("Batches", 0))  # never reused: it names the batch's transfer
+            state.update(Batch={"Number": number, "Instances": [e.id for e in batch]}, Batches=number + 1)
             state.pop(SUB, None)
             await ctx.save(state)
         number = state["Batch"]["Number"]

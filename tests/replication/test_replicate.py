@@ -254,3 +254,26 @@ def test_a_gateway_forwards_once_its_orthanc_is_back(sites):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert md5s(b) == {i: m for i, m in md5s(a).items() if i in md5s(b)} and len(md5s(b)) == 2
+
+
+def test_an_instance_the_gateways_orthanc_refuses_does_not_hold_up_the_others(orthanc_factory, tmp_path):
+    script = tmp_path / "filter.lua"
+    script.write_text("function ReceivedInstanceFilter(dicom, origin, info)\n"
+                      "  return dicom.Modality ~= 'CT'\nend\n")
+    b = orthanc_factory(name="b", extra={"LuaScripts": [str(script)]})
+    with Daemon({"HttpPort": free_port(), "Gateway": {"Url": b.url, "KeepCopies": False}}, tmp_path / "gb") as gb, \
+            httpx.Client(base_url=gb.url, timeout=30) as http:
+        files = dataset()
+        for data in files[:7]:  # study 1.1: 4 CT, then 3 MR
+            assert http.post("/instances", content=data).status_code == 200
+        for data in files[7:]:  # then two more studies, all MR
+            assert http.post("/instances", content=data).status_code == 200
+        deadline = time.monotonic() + 20
+        while len(md5s(b)) < 6:
+            assert time.monotonic() < deadline, md5s(b)
+            time.sleep(0.1)
+        while len(http.get("/instances").json()) != 4:  # the refused CT stay here, the rest moved on
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        kept = http.get("/instances?expand").json()
+        assert {i["MainDicomTags"]["SOPInstanceUID"] for i in kept} == {f"1.1.1.{n}" for n in range(4)}
