@@ -281,6 +281,7 @@ class Config:
     concurrent_jobs: int
     jobs_history_size: int
     save_jobs: bool
+    jobs_lease: int  # seconds (replicas on a shared PostgreSQL index)
     dicom_aet: str
     dicom_port: int
     http_describe_errors: bool
@@ -478,6 +479,10 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("ConcurrentJobs", "concurrent_jobs", 2, _integer(1)),
     _Option("JobsHistorySize", "jobs_history_size", 10, _integer(0)),
     _Option("SaveJobs", "save_jobs", True, _boolean),
+    # Ours: seconds a replica's claim on a job lasts without renewal (it renews every third of
+    # it); a replica killed mid-job loses its jobs to the others this long after it died. Only
+    # replicas sharing a PostgreSQL index (`Lock` false) use it.
+    _Option("JobsLease", "jobs_lease", 15, _integer(3, 3600)),
     _Option("DicomAet", "dicom_aet", "ORTHANC", _string),
     _Option("DicomPort", "dicom_port", 4242, _integer(1, 65535)),
     _Option("HttpDescribeErrors", "http_describe_errors", True, _boolean),

@@ -2,7 +2,8 @@
 
 As a real Orthanc: GET of an unknown job is 404, an action on an unknown job or an action the
 job's state refuses (resume of a job that is not paused, resubmit of a job that has not failed)
-is 400; pause/cancel of a finished job are accepted no-ops. Actions answer `{}`.
+is 400; pause/cancel of a finished job are accepted no-ops. Actions answer `{}`. Replicas
+sharing an index answer the same: the engine reads jobs held elsewhere from the index.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ def _engine(request: Request) -> JobsEngine:
 async def list_jobs(request: Request) -> Response:
     engine = _engine(request)
     if "expand" in request.query_params:
-        return json_answer(engine.all())
-    return json_answer(engine.list_ids())
+        return json_answer(await engine.fetch_all())
+    return json_answer(await engine.fetch_ids())
 
 
 async def get_job(request: Request) -> Response:
-    return json_answer(_engine(request).get(request.path_params["id"]))
+    return json_answer(await _engine(request).fetch(request.path_params["id"]))
 
 
 async def pause_job(request: Request) -> Response:

@@ -102,6 +102,30 @@ class Outcome:
     replaced_uuid: str | None = None  # file of an overwritten copy, now in the trash
 
 
+@dataclass(frozen=True)
+class JobRow:
+    """A job as the index has it, with who holds it (accelerator.jobs.engine)."""
+
+    id: str
+    type: str
+    priority: int
+    state: str
+    record: dict
+    owner: str | None  # the replica holding the job; None: nobody
+    live: bool  # the owner's lease has not run out (False without an owner)
+    request: str | None  # "pause", "cancel" or "resubmit" left for the owner
+
+
+@dataclass(frozen=True)
+class JobEdit:
+    """What `IndexBase.modify_job` writes; None leaves a column as it is."""
+
+    state: str | None = None
+    record: bytes | None = None
+    request: str | None = None
+    claim_for: str | None = None  # the replica that now holds the job, with a fresh lease
+
+
 def timestamp() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime())
 
@@ -563,17 +587,40 @@ class IndexBase:
     # The jobs engine (accelerator.jobs.engine) keeps each job as one row: searchable columns
     # plus a JSON record that only the engine interprets, given here already encoded (the
     # engine encodes it in the event loop, where the job's values cannot change meanwhile).
+    #
+    # Replicas sharing the index (`shared`) run each job on one of them: the `owner` of a row
+    # is the replica holding it (running it, or discarding what it left), until `lease_until`
+    # (the database's clock, so that replicas' clocks do not matter) unless it renews the lease.
+    # A row whose lease ran out belongs to a replica that died: another claims it and resumes
+    # it. `request` carries a pause/cancel/resubmit asked through another replica to the owner.
 
-    def insert_job(self, job_id: str, job_type: str, priority: int, state: str, record: bytes) -> None:
+    def insert_job(self, job_id: str, job_type: str, priority: int, state: str, record: bytes,
+                   owner: str | None = None, lease: float = 0) -> None:
+        """A new job; with `owner`, already held by that replica for `lease` seconds (the
+        replica that accepted it runs it at once when it has room)."""
+        if owner is None:
+            self._write(lambda c: c.execute(
+                "INSERT INTO jobs(id, type, priority, state, record) VALUES (?, ?, ?, ?, ?)",
+                (job_id, job_type, priority, state, record.decode()),
+            ))
+            return
         self._write(lambda c: c.execute(
-            "INSERT INTO jobs(id, type, priority, state, record) VALUES (?, ?, ?, ?, ?)",
-            (job_id, job_type, priority, state, record.decode()),
+            "INSERT INTO jobs(id, type, priority, state, record, owner, lease_until)"
+            f" VALUES (?, ?, ?, ?, ?, ?, {self.NOW_SQL} + ?)",
+            (job_id, job_type, priority, state, record.decode(), owner, float(lease)),
         ))
 
-    def update_job(self, job_id: str, state: str, record: bytes) -> None:
-        """Rewrite a job's state and record; a job deleted meanwhile stays deleted."""
-        self._write(lambda c: c.execute(
-            "UPDATE jobs SET state = ?, record = ? WHERE id = ?", (state, record.decode(), job_id)))
+    def update_job(self, job_id: str, state: str, record: bytes, owner: str | None = None) -> bool:
+        """Rewrite a job's state and record; a job deleted meanwhile stays deleted. With `owner`,
+        only while that replica still holds the job (a replica whose lease ran out while it was
+        stalled must not overwrite the state of the replica that took the job over). Returns
+        whether the row was written."""
+        if owner is None:
+            sql, params = "UPDATE jobs SET state = ?, record = ? WHERE id = ?", (state, record.decode(), job_id)
+        else:
+            sql = "UPDATE jobs SET state = ?, record = ? WHERE id = ? AND owner = ?"
+            params = (state, record.decode(), job_id, owner)
+        return self._write(lambda c: c.execute(sql, params).rowcount) > 0
 
     def jobs(self) -> list[tuple[str, str, int, str, dict]]:
         """Every job as (id, type, priority, state, record), in submission order."""
@@ -584,6 +631,143 @@ class IndexBase:
     def delete_jobs(self, job_ids: Iterable[str]) -> None:
         rows = [(i,) for i in job_ids]
         self._write(lambda c: c.executemany("DELETE FROM jobs WHERE id = ?", rows))
+
+    # The database's clock in seconds since the epoch, and how a claim query locks its rows:
+    # SQLite has one writer at a time anyway (BEGIN IMMEDIATE), so it needs no row locks.
+    NOW_SQL = "((julianday('now') - 2440587.5) * 86400.0)"
+    LOCK_ROWS = ""
+    SKIP_LOCKED_ROWS = ""
+    #: The completion time in a job's record (the history bound reads no whole record).
+    JOB_CHANGED_SQL = "json_extract(record, '$.changed')"
+
+    @property
+    def shared(self) -> bool:
+        """Whether other daemons (replicas) may use this index at the same time."""
+        return False
+
+    def _job_columns(self) -> str:
+        return ("id, type, priority, state, record, owner, "
+                f"CASE WHEN owner IS NOT NULL AND lease_until >= {self.NOW_SQL} THEN 1 ELSE 0 END, request")
+
+    @staticmethod
+    def _job_row(r: tuple) -> JobRow:
+        return JobRow(r[0], r[1], r[2], r[3], orjson.loads(r[4]), r[5], bool(r[6]), r[7])
+
+    def job_rows(self) -> list[JobRow]:
+        """Every job with its owner, in submission order (GET /jobs on any replica)."""
+        with self._read() as c:
+            rows = c.execute(f"SELECT {self._job_columns()} FROM jobs ORDER BY rowid").fetchall()
+        return [self._job_row(r) for r in rows]
+
+    def job_ids(self) -> list[str]:
+        """Every job's ID (GET /jobs without expand reads no record)."""
+        with self._read() as c:
+            return [r[0] for r in c.execute("SELECT id FROM jobs ORDER BY rowid").fetchall()]
+
+    def finished_jobs(self) -> list[tuple[str, str]]:
+        """(ID, completion time in ISO basic) of the finished jobs nobody holds."""
+        with self._read() as c:
+            return [(r[0], r[1] or "") for r in c.execute(
+                f"SELECT id, {self.JOB_CHANGED_SQL} FROM jobs"
+                " WHERE state IN ('Success', 'Failure') AND owner IS NULL").fetchall()]
+
+    def job_row(self, job_id: str) -> JobRow | None:
+        """One job as it is now in the index; None if unknown (GET /jobs/{id} on any replica)."""
+        with self._read() as c:
+            row = c.execute(f"SELECT {self._job_columns()} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else self._job_row(row)
+
+    def claim_jobs(self, owner: str, limit: int, lease: float) -> list[JobRow]:
+        """Take up to `limit` jobs for replica `owner`, best first (highest priority, then
+        submission order): Pending jobs nobody holds, and jobs whose owner's lease ran out.
+        One transaction; on PostgreSQL the rows are locked with SKIP LOCKED, so replicas that
+        claim at the same moment take different jobs without waiting for each other. The rows
+        are returned as they were (state, record, pending request), now owned by `owner`.
+        A Running job nobody holds was left so by a daemon that had the index alone (`Lock`
+        true) before the replicas: it is taken as the job of a replica that died."""
+        if limit <= 0:
+            return []
+
+        def work(c) -> list[JobRow]:
+            rows = c.execute(
+                f"SELECT {self._job_columns()} FROM jobs"
+                " WHERE (state IN ('Pending', 'Running') AND owner IS NULL)"
+                f" OR (owner IS NOT NULL AND lease_until < {self.NOW_SQL})"
+                f" ORDER BY priority DESC, rowid LIMIT ?{self.SKIP_LOCKED_ROWS}", (limit,)).fetchall()
+            c.executemany(
+                f"UPDATE jobs SET owner = ?, lease_until = {self.NOW_SQL} + ?, request = NULL WHERE id = ?",
+                [(owner, float(lease), r[0]) for r in rows])
+            return [self._job_row(r) for r in rows]
+
+        return self._write(work)
+
+    def renew_jobs(self, owner: str, job_ids: Iterable[str], lease: float) -> dict[str, str | None]:
+        """Extend the lease of the jobs among `job_ids` that `owner` still holds; returns those,
+        each with the request another replica left for it (cleared: the owner acts on it now).
+        A job missing from the answer was taken over: the owner must stop it. Rows the owner
+        holds but did not name (it gave up on them, e.g. after losing the database for longer
+        than a lease) are left to expire, so that any replica can claim them."""
+        wanted = set(job_ids)
+
+        def work(c) -> dict[str, str | None]:
+            rows = c.execute(f"SELECT id, request FROM jobs WHERE owner = ?{self.LOCK_ROWS}", (owner,)).fetchall()
+            held = {r[0]: r[1] for r in rows if r[0] in wanted}
+            c.executemany(
+                f"UPDATE jobs SET lease_until = {self.NOW_SQL} + ?, request = NULL WHERE id = ? AND owner = ?",
+                [(float(lease), job_id, owner) for job_id in held])
+            return held
+
+        return self._write(work)
+
+    def release_job(self, job_id: str, state: str, record: bytes, owner: str) -> tuple[bool, str | None]:
+        """Write a job's state and record and let go of it (nobody holds a Paused or finished
+        job, nor a Pending one given back at shutdown), if `owner` still holds it. Returns
+        (written, the request left for it since the last renewal: the caller asks it again of
+        the job as it is now, so that it is not lost)."""
+
+        def work(c) -> tuple[bool, str | None]:
+            row = c.execute(f"SELECT request FROM jobs WHERE id = ? AND owner = ?{self.LOCK_ROWS}",
+                            (job_id, owner)).fetchone()
+            if row is None:
+                return False, None
+            c.execute("UPDATE jobs SET state = ?, record = ?, owner = NULL, lease_until = NULL, request = NULL"
+                      " WHERE id = ?", (state, record.decode(), job_id))
+            return True, row[0]
+
+        return self._write(work)
+
+    def modify_job(self, job_id: str, decide: Callable[[JobRow | None], JobEdit | None], lease: float = 0) -> None:
+        """Read one job's row locked, let `decide(row)` (None: unknown job) say what to write,
+        and write it, in one transaction: a pause, resume, cancel or resubmit asked through a
+        replica that does not hold the job. `decide` runs inside the transaction: it only
+        computes (it may raise to refuse, nothing is written then)."""
+
+        def work(c) -> None:
+            found = c.execute(f"SELECT {self._job_columns()} FROM jobs WHERE id = ?{self.LOCK_ROWS}",
+                              (job_id,)).fetchone()
+            edit = decide(None if found is None else self._job_row(found))
+            if edit is None or found is None:
+                return
+            sets, params = [], []
+            for column, value in (("state", edit.state), ("record", edit.record and edit.record.decode()),
+                                  ("request", edit.request)):
+                if value is not None:
+                    sets.append(f"{column} = ?")
+                    params.append(value)
+            if edit.claim_for is not None:
+                sets.append(f"owner = ?, lease_until = {self.NOW_SQL} + ?")
+                params += [edit.claim_for, float(lease)]
+            if sets:
+                c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*params, job_id))
+
+        self._write(work)
+
+    def delete_finished_jobs(self, job_ids: Iterable[str]) -> None:
+        """Forget finished jobs nobody holds (the history bound, applied by any replica): a job
+        resubmitted or taken meanwhile is kept."""
+        rows = [(i,) for i in job_ids]
+        self._write(lambda c: c.executemany(
+            "DELETE FROM jobs WHERE id = ? AND owner IS NULL AND state IN ('Success', 'Failure')", rows))
 
     # -- read-only scans for POST /tools/find and /tools/lookup (accelerator.api.find) ---------
 

@@ -109,6 +109,12 @@ class _Connection:
 class PostgresIndex(IndexBase):
     UNLIMITED = None
     MAIN_TAG_SQL = "main_tags::json ->> CAST(? AS TEXT)"
+    # Jobs: the server's clock (clock_timestamp: the time now, not at the transaction's start),
+    # and row locks so that replicas claiming at once take different jobs without waiting.
+    NOW_SQL = "CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PRECISION)"
+    LOCK_ROWS = " FOR UPDATE"
+    SKIP_LOCKED_ROWS = " FOR UPDATE SKIP LOCKED"
+    JOB_CHANGED_SQL = "record::json ->> 'changed'"
 
     def __init__(self, settings: PostgresSettings, *, upgrade: bool = False):
         super().__init__()
@@ -137,6 +143,11 @@ class PostgresIndex(IndexBase):
         except BaseException:
             self.close()
             raise
+
+    @property
+    def shared(self) -> bool:
+        """Replicas (`Lock` false) share the database; with `Lock` this daemon has it alone."""
+        return not self.settings.lock
 
     def _connect_at_start(self, conninfo: str) -> psycopg.Connection:
         """A first connection, tried `MaximumConnectionRetries` more times if the server is not

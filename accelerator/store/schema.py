@@ -16,7 +16,7 @@ import sqlite3
 
 from protocol.errors import IndexVersionError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Version 1: resources, their main tags, DICOM attachments and metadata.
 _VERSION_1 = """
@@ -90,7 +90,19 @@ CREATE TABLE changes (
 CREATE INDEX changes_resource ON changes(resource);
 """
 
-UPGRADES = {1: _VERSION_2, 2: _VERSION_3, 3: _VERSION_4}  # from version N to N + 1
+# Version 5: jobs that any replica sharing the index can run (accelerator.jobs.engine). `owner`
+# is the replica running the job (a UUID per process start; NULL: nobody), `lease_until` when
+# its claim ends unless renewed (seconds since the epoch, by the database's clock: replicas'
+# clocks may disagree), `request` a pause/cancel/resubmit asked through another replica, for
+# the owner to act on at its next renewal.
+_VERSION_5 = """
+ALTER TABLE jobs ADD COLUMN owner TEXT;
+ALTER TABLE jobs ADD COLUMN lease_until REAL;
+ALTER TABLE jobs ADD COLUMN request TEXT;
+CREATE INDEX jobs_owner ON jobs(owner);
+"""
+
+UPGRADES = {1: _VERSION_2, 2: _VERSION_3, 3: _VERSION_4, 4: _VERSION_5}  # from version N to N + 1
 
 
 def version_of(conn: sqlite3.Connection) -> int:
@@ -221,7 +233,15 @@ CREATE TABLE changes (
 CREATE INDEX changes_resource ON changes(resource);
 """
 
-POSTGRES_UPGRADES: dict[int, str] = {}  # from version N (>= POSTGRES_FIRST_VERSION) to N + 1
+_POSTGRES_VERSION_5 = """
+ALTER TABLE jobs ADD COLUMN owner TEXT;
+ALTER TABLE jobs ADD COLUMN lease_until DOUBLE PRECISION;
+ALTER TABLE jobs ADD COLUMN request TEXT;
+CREATE INDEX jobs_owner ON jobs(owner);
+"""
+
+# from version N (>= POSTGRES_FIRST_VERSION) to N + 1
+POSTGRES_UPGRADES: dict[int, str] = {4: _POSTGRES_VERSION_5}
 
 
 def postgres_version_of(conn) -> int | None:
