@@ -108,3 +108,49 @@ def test_a_push_waits_out_a_postgresql_restart(cluster, postgres_server):
     job = cluster.sender.wait(job_id, timeout=120)
     assert job["State"] == "Success", job
     assert cluster.hub.md5s() == cluster.sender.md5s()
+
+
+def pulled_buckets(url: str) -> int:
+    text = httpx.get(f"{url}/tools/metrics-prometheus").text
+    found = re.search(r'^accelerator_transfer_buckets_total\{transfer="pull"\} (\S+)$', text, re.M)
+    return int(float(found.group(1))) if found else 0
+
+
+def test_a_pull_submitted_through_the_balancer_ends_byte_identical(cluster):
+    uploaded = cluster.sender.upload(dataset("7.6"))
+    job = cluster.hub.transfer("pull", "sender", [{"Level": "Study", "ID": uploaded[0]["ParentStudy"]}])
+    assert job["State"] == "Success", job  # followed through the balancer: every replica knows it
+    assert cluster.hub.md5s() == cluster.sender.md5s()
+
+
+@pytest.fixture
+def slow_cluster(tmp_path, postgres_server, s3_server):
+    """The replicas reach the sender through a proxy that stalls every chunk request."""
+    from bench.harness import free_port as _free
+    from tests.faultproxy import Fault, FaultProxy
+
+    port = _free()
+
+    def stall(method, path, attempt):
+        return Fault.stall(0.1) if path.startswith("/transfers/chunks/") else None
+
+    with FaultProxy(f"http://127.0.0.1:{port}", stall) as proxy:
+        cluster = Cluster(tmp_path, postgres_server, s3_server, sender_url=proxy.url)
+        cluster.sender_port = port
+        with cluster:
+            yield cluster
+
+
+def test_a_pull_is_taken_over_when_the_replica_running_it_dies(slow_cluster):
+    cluster = slow_cluster
+    uploaded = cluster.sender.upload(dataset("7.7", 40))
+    job_id = cluster.hub.start("pull", "sender", [{"Level": "Study", "ID": uploaded[0]["ParentStudy"]}])["ID"]
+    deadline = time.monotonic() + 30
+    while not (running := [n for n, d in enumerate(cluster.replicas) if pulled_buckets(d.url) >= 10]):
+        assert time.monotonic() < deadline, cluster.hub.job(job_id)
+        time.sleep(0.05)
+    cluster.kill_replica(running[0])
+    job = cluster.hub.wait(job_id, timeout=90)
+    assert job["State"] == "Success", job
+    assert cluster.hub.md5s() == cluster.sender.md5s()
+    assert cluster.hub.statistics()["CountInstances"] == 40  # each stored once
