@@ -4,6 +4,7 @@ engine with its pull and push drivers, the peers, and the push receiver."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,14 +37,18 @@ from accelerator.store import Store
 from accelerator.store.hybrid import HybridStorage
 from accelerator.store.index import IndexBase
 from accelerator.store.objects import ObjectStorage, ObjectStorageSettings, object_storage
+from accelerator.store.pending import IndexMarkers
 from accelerator.store.storage import OBJECT_STORAGE, FileSystemStorage, Storage
 from accelerator.transfers import pull, push, store_peer
 from accelerator.transfers.receiver import PushReceiver
 from accelerator.transfers.shared_receiver import SharedPushReceiver
 from protocol.errors import OrthancError
 
+log = logging.getLogger(__name__)
+
 TRANSFERS_FOLDER = ".transfers"  # download areas, next to the storage area (same filesystem)
 PENDING_OBJECTS = ".pending-objects"  # markers of objects staged in object storage
+SETTLE_INTERVAL = 600.0  # seconds between two recoveries of a replica
 
 
 def open_store(config: Config, *, upgrade: bool = False) -> Store:
@@ -54,7 +59,7 @@ def open_store(config: Config, *, upgrade: bool = False) -> Store:
         if index is not None:
             index.close()
         raise
-    return Store(
+    store = Store(
         Path(config.storage_directory),
         Path(config.index_directory),
         compress=config.storage_compression,
@@ -63,6 +68,26 @@ def open_store(config: Config, *, upgrade: bool = False) -> Store:
         storage=storage,
         index=index,
     )
+    shared = shared_objects(storage) if is_replica(config) else None
+    if shared is not None:  # what a replica stages, any replica can settle
+        shared.share_markers(IndexMarkers(store.index), store.index.committed_uuids)
+        store.recover()
+    return store
+
+
+async def _settle_periodically(store: Store) -> None:
+    """Replicas: settle now and then what dead replicas left staged (and the trash)."""
+    while True:
+        await anyio.sleep(SETTLE_INTERVAL)
+        try:
+            await anyio.to_thread.run_sync(store.recover)
+        except OrthancError as exc:
+            log.warning("could not settle staged objects: %s", exc)
+
+
+def is_replica(config: Config) -> bool:
+    """One of several daemons on one PostgreSQL index (`Lock` false)."""
+    return config.postgresql_index is not None and not config.postgresql_index.lock
 
 
 def open_index(config: Config, *, upgrade: bool = False) -> IndexBase | None:
@@ -110,6 +135,8 @@ def create_app(config: Config, store: Store | None = None, *, peers_: Peers | No
                 tasks.start_soon(app.state.receiver.expire_periodically)
                 if gateway is not None:
                     tasks.start_soon(gateway.forward_forever)
+                if is_replica(config):
+                    tasks.start_soon(_settle_periodically, store)
                 yield
                 tasks.cancel_scope.cancel()
         finally:
@@ -159,8 +186,7 @@ def _push_receiver(config: Config, store: Store) -> PushReceiver:
     )
     folder = Path(config.storage_directory) / TRANSFERS_FOLDER / "push"
     shared = shared_objects(store.area.storage)
-    index = config.postgresql_index
-    if index is not None and not index.lock and shared is not None:
+    if is_replica(config) and shared is not None:
         return SharedPushReceiver(store, folder, shared, **options)
     return PushReceiver(store, folder, **options)
 

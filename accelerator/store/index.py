@@ -583,6 +583,34 @@ class IndexBase:
         rows = [(u,) for u in uuids]
         self._write(lambda c: c.executemany("DELETE FROM trash WHERE uuid = ?", rows))
 
+    # -- objects staged by replicas ----------------------------------------------------------
+    # What `ObjectStorage` records before it writes an object that no index row names yet, when
+    # the storage is shared by replicas (`accelerator.store.pending`): a row outlives the replica
+    # that wrote it, so any replica can settle it.
+
+    def mark_pending(self, uuid: str, since: float) -> None:
+        self._write(lambda c: c.execute("INSERT INTO pending_objects (uuid, since) VALUES (?, ?) "
+                                        "ON CONFLICT (uuid) DO NOTHING", (uuid, since)))
+
+    def clear_pending(self, uuids: Iterable[str]) -> None:
+        rows = [(u,) for u in uuids]
+        if rows:
+            self._write(lambda c: c.executemany("DELETE FROM pending_objects WHERE uuid = ?", rows))
+
+    def pending_objects(self, before: float | None = None) -> list[str]:
+        """Staged objects not settled yet; with `before`, only those staged before that time."""
+        with self._read() as c:
+            if before is None:
+                rows = c.execute("SELECT uuid FROM pending_objects ORDER BY uuid").fetchall()
+            else:
+                rows = c.execute("SELECT uuid FROM pending_objects WHERE since < ? ORDER BY uuid",
+                                 (before,)).fetchall()
+        return [r[0] for r in rows]
+
+    def is_pending(self, uuid: str) -> bool:
+        with self._read() as c:
+            return c.execute("SELECT 1 FROM pending_objects WHERE uuid = ?", (uuid,)).fetchone() is not None
+
     # -- jobs --------------------------------------------------------------------------------
     # The jobs engine (accelerator.jobs.engine) keeps each job as one row: searchable columns
     # plus a JSON record that only the engine interprets, given here already encoded (the

@@ -39,7 +39,8 @@ import obstore
 from obstore.exceptions import AlreadyExistsError, PreconditionError
 from obstore.store import AzureStore, S3Store
 
-from accelerator.store.storage import OBJECT_STORAGE, Storage, full_storage, unlink
+from accelerator.store.pending import LocalMarkers, PendingMarkers
+from accelerator.store.storage import OBJECT_STORAGE, Storage
 from protocol.errors import ConfigError, CorruptedFile, InternalError, OrthancError
 
 log = logging.getLogger(__name__)
@@ -191,8 +192,8 @@ class ObjectStorage(Storage):
     def __init__(self, settings: ObjectStorageSettings, store: Any, pending_folder: Path):
         self.settings = settings
         self.store = store
-        self.pending = Path(pending_folder)
-        self.pending.mkdir(parents=True, exist_ok=True)
+        self.markers: PendingMarkers = LocalMarkers(Path(pending_folder))
+        self._committed = None
         self.root = settings.root_path.strip("/")
         concurrency = UPLOAD_CONCURRENCY
         if settings.max_connections > 0:
@@ -264,17 +265,30 @@ class ObjectStorage(Storage):
         self.discard(uuid)
 
     def publish(self, uuid: str) -> None:
-        unlink(self.pending / uuid)
+        self.markers.clear(uuid)
 
     def discard(self, uuid: str) -> None:
+        if self._committed is not None and self._committed([uuid]):
+            # Replicas: a commit whose answer was lost (the database went away) may have landed
+            # all the same; its row names this object, which must stay. A database still away
+            # raises here, and the marker is settled later by whichever replica recovers.
+            self.markers.clear(uuid)
+            return
         self._delete(self.key(uuid))  # object first: a crash in between leaves the marker
-        unlink(self.pending / uuid)
+        self.markers.clear(uuid)
 
     def staged(self) -> list[str]:
-        return [p.name for p in self.pending.iterdir() if p.is_file() and _UUID.fullmatch(p.name)]
+        """What recovery may settle (replicas: only what a dead replica can have left)."""
+        return self.markers.settleable()
 
     def is_staged(self, uuid: str) -> bool:
-        return (self.pending / uuid).is_file()
+        return self.markers.exists(uuid)
+
+    def share_markers(self, markers: PendingMarkers, committed) -> None:
+        """Keep the markers of staged objects in `markers` (replicas: the shared index), and
+        ask `committed(uuids)` (the index) before discarding a staged object."""
+        self.markers = markers
+        self._committed = committed
 
     def server_md5(self, uuid: str) -> tuple[int, str] | None:
         """The ETag when it looks like a single-part MD5 (not a multipart upload's, not Azure's)."""
@@ -290,36 +304,22 @@ class ObjectStorage(Storage):
 
     def remove(self, uuid: str) -> None:
         self._delete(self.key(uuid))
-        unlink(self.pending / uuid)
+        self.markers.clear(uuid)
 
     def _mark(self, uuid: str) -> None:
         """The durable marker of a staged object, written before the object (exclusively)."""
-        path = self.pending / uuid
-        with full_storage():
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                raise InternalError(f"Attachment {uuid} is already staged") from None
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            folder = os.open(self.pending, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+        self.markers.mark(uuid)
 
     def _failed_put(self, uuid: str, key: str, exc: Exception) -> None:
         if isinstance(exc, (AlreadyExistsError, PreconditionError, _Exists)):
-            unlink(self.pending / uuid)  # the object is not ours: leave it, forget the marker
+            self.markers.clear(uuid)  # the object is not ours: leave it, forget the marker
             raise InternalError(f"Object {key} already exists in {self._where()}: not overwritten") from None
         try:  # the put may have landed all the same (an answer lost): drop it, then the marker
             self._delete(key)
         except InternalError:
             pass  # the marker stays: recovery discards it
         else:
-            unlink(self.pending / uuid)
+            self.markers.clear(uuid)
         raise self._error("write", key, exc) from None
 
     def _delete(self, key: str) -> None:
@@ -382,7 +382,7 @@ class ObjectStorage(Storage):
                 for meta in page:
                     uuid = uuid_of(meta["path"], self.root, structure)
                     # a marker checked after the listing saw its object: staged ones stay out
-                    if uuid is not None and not (self.pending / uuid).exists():
+                    if uuid is not None and not self.markers.exists(uuid):
                         yield uuid
         except Exception as exc:
             raise self._error("list", self.root or "/", exc) from None

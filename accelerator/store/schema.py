@@ -16,7 +16,7 @@ import sqlite3
 
 from protocol.errors import IndexVersionError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Version 1: resources, their main tags, DICOM attachments and metadata.
 _VERSION_1 = """
@@ -102,7 +102,17 @@ ALTER TABLE jobs ADD COLUMN request TEXT;
 CREATE INDEX jobs_owner ON jobs(owner);
 """
 
-UPGRADES = {1: _VERSION_2, 2: _VERSION_3, 3: _VERSION_4, 4: _VERSION_5}  # from version N to N + 1
+# Version 6: objects staged in a shared object storage and not yet settled by their index
+# commit (`since`: seconds since the epoch, by the stager's clock), so that any replica can
+# settle those a dead replica left: committed, the object stays; not, it goes.
+_VERSION_6 = """
+CREATE TABLE pending_objects (
+    uuid  TEXT PRIMARY KEY,
+    since REAL NOT NULL
+);
+"""
+
+UPGRADES = {1: _VERSION_2, 2: _VERSION_3, 3: _VERSION_4, 4: _VERSION_5, 5: _VERSION_6}  # from version N to N + 1
 
 
 def version_of(conn: sqlite3.Connection) -> int:
@@ -240,8 +250,15 @@ ALTER TABLE jobs ADD COLUMN request TEXT;
 CREATE INDEX jobs_owner ON jobs(owner);
 """
 
+_POSTGRES_VERSION_6 = """
+CREATE TABLE pending_objects (
+    uuid  TEXT PRIMARY KEY,
+    since DOUBLE PRECISION NOT NULL
+);
+"""
+
 # from version N (>= POSTGRES_FIRST_VERSION) to N + 1
-POSTGRES_UPGRADES: dict[int, str] = {4: _POSTGRES_VERSION_5}
+POSTGRES_UPGRADES: dict[int, str] = {4: _POSTGRES_VERSION_5, 5: _POSTGRES_VERSION_6}
 
 
 def postgres_version_of(conn) -> int | None:
