@@ -58,6 +58,8 @@ VERIFY_PATIENCE = 60.0  # seconds a check waits for a target that is still stori
 VERIFY_POLL = 0.25  # seconds between two questions to a target that is still storing
 FOLLOW_POLL = 2.0  # seconds between two looks at the source's /changes
 FAILED_SHOWN = 100  # failed instances listed in the job's Content (all are counted)
+PUSHES_AT_ONCE = 2  # batches pushed at once: one sends while the other is committed
+IN_FLIGHT = "InFlight"  # checkpoint key: number -> {"Instances", "Transfer": the batch's checkpoint}
 
 
 @dataclass
@@ -123,18 +125,25 @@ def levels(entries: Iterable[InstanceEntry]) -> dict[str, int]:
 
 
 def batches(entries: list[InstanceEntry]) -> list[list[InstanceEntry]]:
-    """Consecutive batches of about `BATCHES` equal sizes, each within the bounds."""
+    """Consecutive batches of about 1/`BATCHES` of the bytes each (within the bounds), the first
+    and the last ones a quarter of that: the first push starts after a short gathering, and
+    what is left after the last commit (the target storing it: a gateway forwards it to its
+    Orthanc) is short too."""
     total = sum(e.size for e in entries)
-    limit = min(BATCH_MAX, max(BATCH_MIN, total // BATCHES + 1))
+    full = min(BATCH_MAX, max(BATCH_MIN, total // BATCHES + 1))
+    small = max(BATCH_MIN // 4, full // 4)
     cut: list[list[InstanceEntry]] = []
     current: list[InstanceEntry] = []
-    size = 0
+    size = done = 0
     for entry in entries:
+        limit = small if not cut or total - done <= full else full
         if current and size + entry.size > limit:
             cut.append(current)
             current, size = [], 0
+            limit = small if total - done <= full else full
         current.append(entry)
         size += entry.size
+        done += entry.size
     if current:
         cut.append(current)
     return cut
@@ -287,20 +296,13 @@ class ReplicateDriver:
         return [e for e in batch if e.id not in progress.failed]
 
     async def _by_push(self, ctx: JobContext, progress: Progress, source, kinds: EndKinds) -> None:
-        """Batches gathered into our store and pushed, the next gathered during this push."""
-        state = progress.state
-        current = state.get("Batch")  # the batch whose push was interrupted, if any
-        pending = progress.pending()
-        if current:
-            ids = set(current["Instances"])
-            first = [e for e in pending if e.id in ids]
-            rest = [e for e in pending if e.id not in ids]
-            plan = [first] + batches(rest) if first else batches(rest)
-        else:
-            plan = batches(pending)
+        """Batches gathered into our store and pushed, `PUSHES_AT_ONCE` at a time, the next one
+        gathered meanwhile: the link never waits for a receiver's commit nor for a gathering."""
+        plan = self._resumed_batches(progress)
         if not plan:
             return
         send, receive = anyio.create_memory_object_stream[list[InstanceEntry]](1)
+        slots = anyio.Semaphore(PUSHES_AT_ONCE)
 
         async def gather_all() -> None:
             async with send:
@@ -308,17 +310,34 @@ class ReplicateDriver:
                     ready = await self._gather(progress, source, batch) if kinds.source != "Self" else batch
                     await send.send(ready)
 
+        async def push(batch: list[InstanceEntry]) -> None:
+            try:
+                await self._transfer_batch(ctx, progress, batch, kinds.target_peer, self.push_driver)
+            finally:
+                slots.release()
+
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(gather_all)
-            async with receive:
+            async with receive, anyio.create_task_group() as pushes:
                 async for ready in receive:
                     if ready:
-                        await self._transfer_batch(ctx, progress, ready, kinds.target_peer, self.push_driver)
+                        await slots.acquire()
+                        pushes.start_soon(push, ready)
             tasks.cancel_scope.cancel()
+
+    @staticmethod
+    def _resumed_batches(progress: Progress) -> list[list[InstanceEntry]]:
+        """The batches left: first those whose transfer was interrupted (each goes on with its
+        own transfer), then the rest, cut anew."""
+        pending = progress.pending()
+        flying = [set(b["Instances"]) for b in progress.state.get(IN_FLIGHT, {}).values()]
+        resumed = [[e for e in pending if e.id in ids] for ids in flying]
+        taken = set().union(*flying) if flying else set()
+        return [b for b in resumed if b] + batches([e for e in pending if e.id not in taken])
 
     async def _by_pull(self, ctx: JobContext, progress: Progress, target, kinds: EndKinds) -> None:
         """Batches pulled into our store, then written to the target unless it is our store."""
-        for batch in batches(progress.pending()):
+        for batch in self._resumed_batches(progress):
             if kinds.target == "Self":
                 await self._transfer_batch(ctx, progress, batch, kinds.source_peer, self.pull_driver)
             else:
@@ -327,22 +346,23 @@ class ReplicateDriver:
 
     async def _transfer_batch(self, ctx: JobContext, progress: Progress, batch: list[InstanceEntry], peer: str,
                               driver, count: bool = True) -> None:
-        """One push or pull of a batch, resumable through its own checkpoint kept in ours."""
-        state = progress.checkpoint()
-        current = state.get("Batch")
-        if not current or set(current["Instances"]) != {e.id for e in batch}:
-            number = int(state.get("Batches", 0))  # never reused: it names the batch's transfer
-            state.update(Batch={"Number": number, "Instances": [e.id for e in batch]}, Batches=number + 1)
-            state.pop(SUB, None)
-            await ctx.save(state)
-        number = state["Batch"]["Number"]
-        sub = SubContext(ctx, state, batch_query(ctx.query, [e.id for e in batch], peer), name=f"batch-{number}")
+        """One push or pull of a batch, resumable through its own checkpoint kept in ours (its
+        slot of `InFlight`, numbered once for the job's life: the number names its transfer)."""
+        state = progress.state
+        flying = state.setdefault(IN_FLIGHT, {})
+        ids = [e.id for e in batch]
+        number = next((n for n, b in flying.items() if set(b["Instances"]) == set(ids)), None)
+        if number is None:
+            number = str(state.get("Batches", 0))
+            state["Batches"] = int(number) + 1
+            flying[number] = {"Instances": ids}
+            await ctx.save(progress.checkpoint())
+        sub = SubContext(ctx, progress, flying[number], batch_query(ctx.query, ids, peer), name=f"batch-{number}")
         await driver.run(sub)
         if count:
             for entry in batch:
                 progress.copy_done(entry)
-        progress.state = dict(sub.state, Batch=None)
-        progress.state.pop(SUB, None)
+        flying.pop(number, None)
         await ctx.save(progress.checkpoint(), content=progress.content("Copying"), progress=progress.fraction)
 
     # -- the final check ---------------------------------------------------------------------
@@ -419,22 +439,25 @@ class ReplicateDriver:
             seq = last
 
     async def discard(self, ctx: JobContext) -> None:
-        """A batch's push transaction or download area is released by its driver."""
+        """The push transactions or download areas of the batches in flight are released by
+        their driver (best effort)."""
         state = ctx.checkpoint or {}
-        current = state.get("Batch")
-        if not current or SUB not in state:
+        flying = {n: b for n, b in state.get(IN_FLIGHT, {}).items() if SUB in b}
+        if not flying:
             return
         try:
             source, target, kinds = await self.open_ends(ctx.query)
         except Exception:  # noqa: BLE001 - best effort
             return
+        driver, peer = (self.push_driver, kinds.target_peer) if kinds.target == "Peer" else \
+            (self.pull_driver, kinds.source_peer)
         try:
-            driver, peer = (self.push_driver, kinds.target_peer) if kinds.target == "Peer" else \
-                (self.pull_driver, kinds.source_peer)
-            query = batch_query(ctx.query, current["Instances"], peer)
-            await driver.discard(SubContext(ctx, dict(state), query, name=f"batch-{current['Number']}"))
-        except Exception as exc:  # noqa: BLE001 - best effort
-            log.warning("job %s: could not release the batch's transfer: %s", ctx.job_id, exc)
+            for number, batch in flying.items():
+                query = batch_query(ctx.query, batch["Instances"], peer)
+                try:
+                    await driver.discard(SubContext(ctx, None, batch, query, name=f"batch-{number}"))
+                except Exception as exc:  # noqa: BLE001 - best effort
+                    log.warning("job %s: could not release batch %s: %s", ctx.job_id, number, exc)
         finally:
             await source.aclose()
             await target.aclose()

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 import orjson
 from anyio import to_thread
 
-from accelerator.api.find import FindRequest, parse_find, run_find
 from accelerator.replication.ends import InstanceEntry, Selection
 from accelerator.store import Store
 from accelerator.store.index import NEW_INSTANCE
@@ -16,10 +15,13 @@ from protocol.errors import ParameterOutOfRange, UnknownResource
 from protocol.resources import Level
 
 
-def find_request(selection: Selection) -> FindRequest:
-    """The study-level `/tools/find` request of a selection: the same syntax, checks and
-    matching as a plain Orthanc applies to it."""
-    return parse_find(orjson.dumps({"Level": "Study", "Query": selection.to_json()}))
+def find_studies(store: Store, selection: Selection) -> list[str]:
+    """The studies a plain Orthanc's study-level `/tools/find` gives for the selection: the
+    same syntax, checks and matching (the API's own code; imported here, not at the top, as
+    the API package imports this module)."""
+    from accelerator.api.find import parse_find, run_find
+
+    return run_find(store, parse_find(orjson.dumps({"Level": "Study", "Query": selection.to_json()})))
 
 
 class LocalStore:
@@ -36,7 +38,7 @@ class LocalStore:
     def _entries(self, selection: Selection) -> list[InstanceEntry]:
         index = self.store.index
         entries = []
-        for study_id in run_find(self.store, find_request(selection)):
+        for study_id in find_studies(self.store, selection):
             try:
                 study = index.resource(Level.STUDY, study_id)
                 for series_id in index.children(study):

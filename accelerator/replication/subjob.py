@@ -1,9 +1,10 @@
 """A pull or push run inside a replication job, with its checkpoint kept in the replication's.
 
 The pull and push drivers resume from what they saved with `ctx.save`; giving them a context
-whose checkpoint is one key of the replication's checkpoint lets a replication resume a batch's
-transfer where it stopped (same remote push transaction, same landed buckets) without a second
-job in the engine. Their `Content` counters are shown under the replication's `Transfer`.
+whose checkpoint is one slot of the replication's checkpoint (the batch's entry under
+`InFlight`) lets a replication resume a batch's transfer where it stopped (same remote push
+transaction, same landed buckets) without a second job in the engine, several batches at once.
+Their `Content` counters are shown under the replication's `Transfer`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ SUB = "Transfer"  # key of the sub-run's checkpoint in the parent's, and of its 
 
 
 class SubContext:
-    def __init__(self, parent: JobContext, state: dict[str, Any], query: dict[str, Any], name: str):
+    def __init__(self, parent: JobContext, progress: Any, slot: dict[str, Any], query: dict[str, Any], name: str):
+        """`slot`: where this run's checkpoint lives, inside the parent's state; `progress`
+        makes the parent's whole checkpoint (None: nothing is saved, as for a discard)."""
         self.parent = parent
-        self.state = state  # the parent's checkpoint, updated in place
+        self.progress = progress
+        self.slot = slot
         self._query = query
         self._name = name
         self._shown: dict[str, Any] = {}
@@ -34,7 +38,7 @@ class SubContext:
 
     @property
     def checkpoint(self) -> dict[str, Any] | None:
-        return self.state.get(SUB)
+        return self.slot.get(SUB)
 
     @property
     def content(self) -> dict[str, Any]:
@@ -43,9 +47,10 @@ class SubContext:
     async def save(self, checkpoint: dict[str, Any] | None = None, *, content: dict[str, Any] | None = None,
                    progress: float | None = None) -> None:
         if checkpoint is not None:
-            self.state[SUB] = checkpoint
+            self.slot[SUB] = checkpoint
         self._shown.update(content or {})
-        await self.parent.save(self.state, content={SUB: dict(self._shown)})
+        if self.progress is not None:
+            await self.parent.save(self.progress.checkpoint(), content={SUB: dict(self._shown)})
 
     def report(self, *, content: dict[str, Any] | None = None, progress: float | None = None) -> None:
         self._shown.update(content or {})
