@@ -211,8 +211,12 @@ async def put_bucket(request: Request) -> Response:
                 await to_thread.run_sync(writer.feed, b"".join(pending))
                 pending, pending_size = [], 0
                 tx.touch()
-        await to_thread.run_sync(writer.feed, b"".join(pending))
-        await to_thread.run_sync(receiver.land, tx, index, writer)
+        rest = b"".join(pending)
+
+        def land() -> None:  # one hop to a worker thread: the last piece, then the bucket lands
+            writer.feed(rest)
+            receiver.land(tx, index, writer)  # staged and logged; its verification is queued
+        await to_thread.run_sync(land)
     except NetworkProtocol as exc:
         raise NetworkProtocol(f"Bucket {index}: {exc.details}") from exc
     finally:

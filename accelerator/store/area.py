@@ -87,6 +87,14 @@ class StorageArea:
         self.storage.stage_file(uuid, Path(source), synced=synced)
         return StoredFile(uuid, size, md5, size, md5, False)
 
+    def sync_sources(self, sources: list[Path]) -> bool:
+        """Make files about to be adopted by `stage_file` durable in one batch; True if done
+        (stage them with `synced`). Compressed, they are read and written anew (`stage_bytes`
+        syncs what it writes), so there is nothing to do here."""
+        if self.compress or not sources:
+            return False
+        return self.storage.sync_sources([Path(s) for s in sources])
+
     def unstage(self, uuid: str, source: Path) -> None:
         """Undo `stage_file`: the source is back where it was, the staged copy is gone."""
         if Path(source).exists():

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 class FileToIngest:
     """An assembled file whose size and MD5 the caller has already verified.
 
-    A transfer that prepared the file as it arrived passes its parsed header and says it is
-    already fsync'ed, so that the commit is only renames and one index transaction.
+    A transfer that prepared the file as it arrived passes its parsed header, so that the commit
+    is one batch of fsyncs (`synced`: already done), renames and one index transaction.
     """
 
     path: Path
@@ -108,10 +108,12 @@ class Store:
         where they were, so the caller can fix the cause and try again.
         """
         parsed = [f.parsed or parse_file(f.path) for f in files]
+        # Durable before the index commit, as one batch (not one fsync per file as it is staged).
+        synced = self.area.sync_sources([f.path for f in files if not f.synced])
         staged: list[StoredFile] = []
         try:
             for f in files:
-                staged.append(self.area.stage_file(f.path, f.size, f.md5, synced=f.synced))
+                staged.append(self.area.stage_file(f.path, f.size, f.md5, synced=f.synced or synced))
             outcomes = self._commit(list(zip(parsed, staged)), origin, remote_ip)
         except BaseException:
             for f, stored in zip(files, staged):

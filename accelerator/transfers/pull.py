@@ -115,8 +115,9 @@ class _Download:
     meter: LinkMeter = field(default_factory=LinkMeter)
 
     def landed(self, index: int, writer: PayloadWriter) -> None:
-        """Bucket `index` is written: verify, sync and parse what it completes, then log it.
-        Blocking: call in a worker thread."""
+        """Bucket `index` is written: hand what it completes to the background verifier, then
+        log it. Quick (the verification is not on the request path), but it writes to the log:
+        call in a worker thread."""
         self.assembly.landed(index, writer.digests)
         self.log.landed(index, writer.received)
 
