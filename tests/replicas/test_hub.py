@@ -71,6 +71,7 @@ def test_a_push_survives_the_death_of_a_replica(cluster):
     while sum(buckets_received(d.url) for d in cluster.replicas if d) < 20:
         assert time.monotonic() < deadline, cluster.sender.job(job_id)
         time.sleep(0.005)
+    assert cluster.hub.statistics()["CountInstances"] == 0  # nothing visible before the commit
     cluster.kill_replica(1)
     job = cluster.sender.wait(job_id, timeout=90)
     assert job["State"] == "Success", job

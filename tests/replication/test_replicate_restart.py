@@ -9,6 +9,7 @@ that stalls every bucket PUT, so the kill lands clearly half-way.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 from collections import Counter
@@ -50,8 +51,10 @@ def test_a_replication_killed_mid_push_resumes_and_sends_nothing_twice(orthanc_f
         ga = Daemon(config, tmp_path / "ga").start()
         try:
             job_id = httpx.post(f"{ga.url}/replicate", json={"Source": a.url, "Target": "gb"}).json()["ID"]
+            kill_after = random.Random().randint(6, BUCKETS - 12)  # a point at random, mid-push
+            print(f"killing GA after {kill_after} bucket PUTs")
             deadline = time.monotonic() + 30
-            while len(bucket_puts(proxy)) < BUCKETS // 2 - 4:
+            while len(bucket_puts(proxy)) < kill_after:
                 assert time.monotonic() < deadline, httpx.get(f"{ga.url}/jobs/{job_id}").json()
                 time.sleep(0.02)
             os.killpg(ga.pid, signal.SIGKILL)
