@@ -21,8 +21,8 @@ resumes rather than restarts:
    target that stores asynchronously (a gateway forwarding to its Orthanc) is given time.
 
 Each instance that cannot be copied is reported with its reason (gone from the source, changed
-on the source, refused by the target...) and the job fails after copying all the others; resuming
-it tries those again. With `Follow`, the job then watches the source's `/changes` and copies what
+on the source, refused by the target...) and the job fails after copying all the others;
+resubmitting it, or resuming it after a pause or a restart, tries those again. With `Follow`, the job then watches the source's `/changes` and copies what
 arrives, until it is paused or cancelled.
 """
 
@@ -194,6 +194,8 @@ class ReplicateDriver:
         if fresh:
             state = await self._plan(ctx, query, source, target)
         progress = Progress(state)
+        if not fresh:
+            progress.failed.clear()  # resumed: instances that failed before are tried again
         pending = progress.pending()
         if pending and not fresh:  # resumed: what the target got before the interruption is done
             held = await self._held(target, pending)
