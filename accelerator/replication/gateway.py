@@ -57,8 +57,6 @@ class Gateway:
                                    max_instance=config.transfers.limits.max_instance_size)
         self.state_path = Path(config.index_directory) / STATE_FILE
         self.forwarded_seq = self._load_seq()
-        self._wake = anyio.Event()
-        self._idle = anyio.Event()
 
     @property
     def name(self) -> str:
@@ -83,10 +81,6 @@ class Gateway:
         temporary.write_bytes(orjson.dumps({"ForwardedSeq": seq, "Orthanc": self.name}))
         os.replace(temporary, self.state_path)
 
-    def wake(self) -> None:
-        """New instances in our store: forward them now rather than at the next look."""
-        self._wake.set()
-
     async def forward_forever(self) -> None:
         """Forward what our store takes in, until cancelled (the app's lifespan)."""
         failures = 0
@@ -101,17 +95,13 @@ class Gateway:
                 await anyio.sleep(wait)
                 continue
             if not forwarded:
-                self._idle.set()
-                with anyio.move_on_after(IDLE):
-                    await self._wake.wait()
-                self._wake = anyio.Event()
+                await anyio.sleep(IDLE)
 
     async def forward_once(self) -> int:
         """Forward the next page of new instances; how many there were."""
         changes, _, last = await to_thread.run_sync(self.store.index.changes, self.forwarded_seq, PAGE)
         instances = list(dict.fromkeys(c.public_id for c in changes if c.change_type == NEW_INSTANCE))
         if instances:
-            self._idle = anyio.Event()
             await self.forward(instances)
         if last != self.forwarded_seq:
             self.forwarded_seq = last
@@ -164,16 +154,6 @@ class Gateway:
                 self.store.delete(Level.INSTANCE, instance)
             except UnknownResource:
                 pass
-
-    async def settled(self, timeout: float) -> bool:
-        """Wait until everything our store holds now has been forwarded (tests, shutdown)."""
-        with anyio.move_on_after(timeout):
-            target = await to_thread.run_sync(self.store.index.last_change_seq)
-            while self.forwarded_seq < target:
-                self.wake()
-                await anyio.sleep(0.05)
-            return True
-        return False
 
     # -- taking from the Orthanc -------------------------------------------------------------
 
