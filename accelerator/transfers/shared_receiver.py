@@ -21,6 +21,7 @@ commit, at DELETE, or after `PushTransactionTimeout` without a new object (any r
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +67,7 @@ class SharedPushReceiver(PushReceiver):
     def __init__(self, store: Store, folder: Path, objects: ObjectStorage, **options):
         self.objects = objects
         self._swept = 0.0
+        self._adopting = threading.Lock()  # one local copy per transaction, made once
         super().__init__(store, folder, **options)
 
     @staticmethod
@@ -90,15 +92,18 @@ class SharedPushReceiver(PushReceiver):
         return self._adopt(tx_id, plan)
 
     def _adopt(self, tx_id: str, plan: PushTransaction) -> Transaction:
-        """This replica's local copy of a transaction created elsewhere."""
-        with self._lock:
-            known = self._transactions.get(tx_id)
-        if known is not None:
-            return known
-        tx = self._transaction(tx_id, plan, set())
-        (tx.area.folder / PLAN_FILE).write_bytes(orjson.dumps(plan.to_json()))  # kept across a restart
-        with self._lock:
-            tx = self._transactions.setdefault(tx_id, tx)
+        """This replica's local copy of a transaction created elsewhere. Two requests meeting it
+        at once make it once (the second would otherwise recreate the files the first writes
+        into); only adoptions wait on that lock, never the requests of known transactions."""
+        with self._adopting:
+            with self._lock:
+                known = self._transactions.get(tx_id)
+            if known is not None:
+                return known
+            tx = self._transaction(tx_id, plan, set())
+            (tx.area.folder / PLAN_FILE).write_bytes(orjson.dumps(plan.to_json()))  # kept across a restart
+            with self._lock:
+                self._transactions[tx_id] = tx
         log.info("push transaction %s continues on this replica", tx_id)
         return tx
 
