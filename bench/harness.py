@@ -92,13 +92,17 @@ class Daemon:
 
     ``workdir`` receives config.json, stdout.log, stderr.log and (unless the config names one)
     the storage directory. The daemon is started from the repository root with it on
-    PYTHONPATH, so the code under test is the working tree, installed or not.
+    PYTHONPATH, so the code under test is the working tree, installed or not. ``root`` names
+    another tree (e.g. a ``git worktree`` of an older commit) to start instead, with the same
+    Python: the bench compares two versions of the daemon in one run that way.
     """
 
     def __init__(self, config: dict | None, workdir: Path, *, start_timeout: float = 30.0,
                  stop_timeout: float = 10.0, python: str = sys.executable, args: tuple[str, ...] = (),
-                 prefix: tuple[str, ...] = (), env: dict[str, str] | None = None):
+                 prefix: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 root: Path | None = None):
         self.args = tuple(args)
+        self.root = Path(root).resolve() if root is not None else REPO_ROOT
         # ``prefix`` wraps the command line, e.g. ("ip", "netns", "exec", NS) (which execs in
         # place: the PID stays the daemon's); ``env`` adds variables to the daemon's environment.
         # The readiness probe goes to 127.0.0.1 from the calling thread, so a daemon in another
@@ -138,12 +142,13 @@ class Daemon:
         config_path = self.workdir / "config.json"
         config_path.write_text(json.dumps(cfg, indent=2) + "\n")
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        # The tree first on the path: it wins over the venv's editable install of /work/main.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.root), env.get("PYTHONPATH")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update(self.extra_env)
         with open(self.workdir / "stdout.log", "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen([*self.prefix, self.python, "-m", "accelerator", "serve", str(config_path), *self.args],
-                                         cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                         cwd=self.root, env=env, stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=err, start_new_session=True)
         try:
             self._wait_ready()

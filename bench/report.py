@@ -14,7 +14,15 @@ Per run (only runs whose data was verified on the receiver are measured):
   alone keep an uncompressed transfer at <= ~96.5%); both null on loopback;
 - CPU seconds and peak RSS (VmHWM, reset before each run) of the sender and the receiver
   (accelerator: daemons a and b; per-instance-http: the client and daemon b; dcmtk: storescu and
-  storescp), and the forwarder's CPU seconds.
+  storescp), and the forwarder's CPU seconds; ``*_cpu_s_per_gb``: those CPU seconds per GB
+  (10^9 bytes) of verified DICOM moved, which compare across studies and links.
+
+Per (profile, dataset, system), besides medians: ``codec`` (what the job says travelled: the
+negotiated "Codec" of its Content, else the compression asked), ``vs_strict_gzip`` (goodput over
+accel-{push|pull}-gzip-strict's, same profile, dataset and direction: the "current gzip" of the
+run) and ``vs_old`` (goodput over the old tree's system of the same direction and compression;
+-gzip-strict compares with old-*-gzip, plain gzip both). The codec table and the check of issue
+12's targets are printed under the main table.
 """
 from __future__ import annotations
 
@@ -29,13 +37,16 @@ TCPIP_HEADER = 52
 MIB = 2**20
 METRICS = ("wall_s", "goodput_mb_s", "wire_mb", "link_use", "compression_ratio", "limit_mb_s", "of_limit",
            "sender_cpu_s", "sender_peak_rss_mib", "receiver_cpu_s", "receiver_peak_rss_mib", "forwarder_cpu_s",
-           "daemon_a_cpu_s", "daemon_a_peak_rss_mib", "daemon_b_cpu_s", "daemon_b_peak_rss_mib")
+           "daemon_a_cpu_s", "daemon_a_peak_rss_mib", "daemon_b_cpu_s", "daemon_b_peak_rss_mib",
+           "sender_cpu_s_per_gb", "receiver_cpu_s_per_gb")
+#: issue 12's peak RSS bound, per daemon
+RSS_LIMIT_BYTES = 300e6
 
 
 def derive(run: dict, dicom_bytes: int, rate_bps: float | None) -> dict:
     """The metrics of one verified run (keys of METRICS, None where they do not apply)."""
     wall = run["wall_s"]
-    gzip = run["system"].endswith("-gzip")
+    gzip = "-gzip" in run["system"]             # -gzip, -gzip-strict: compressed systems
     m: dict[str, Any] = {k: None for k in METRICS}
     m["wall_s"] = wall
     m["goodput_mb_s"] = run["verified_bytes"] / wall / 1e6
@@ -67,6 +78,8 @@ def derive(run: dict, dicom_bytes: int, rate_bps: float | None) -> dict:
         if u:
             m[f"{role}_cpu_s"] = u["cpu_s"]
             m[f"{role}_peak_rss_mib"] = u["peak_rss_bytes"] / MIB
+            if run["verified_bytes"]:
+                m[f"{role}_cpu_s_per_gb"] = u["cpu_s"] / (run["verified_bytes"] / 1e9)
     for side in ("a", "b"):
         u = usage.get(f"daemon-{side}")
         if u:
@@ -90,7 +103,10 @@ def summarize(runs: list[dict]) -> list[dict]:
     out = []
     for (profile, dataset, system), rs in groups.items():
         ok = [r for r in rs if r["ok"]]
+        codecs = [((r.get("job") or {}).get("content") or {}).get("Codec") for r in ok]
+        codecs = sorted({c for c in codecs if c})
         entry = {"profile": profile, "dataset": dataset, "system": system, "runs": len(rs), "ok_runs": len(ok),
+                 "codec": "/".join(codecs) or _asked(system),
                  "errors": [r["error"] for r in rs if not r["ok"]][:5],
                  "metrics": {k: _stat([r["metrics"].get(k) for r in ok]) for k in (*METRICS, "payload_ratio")}}
         out.append(entry)
@@ -100,7 +116,30 @@ def summarize(runs: list[dict]) -> list[dict]:
     for e in out:
         b, g = base.get((e["profile"], e["dataset"])), e["metrics"]["goodput_mb_s"]
         e["vs_per_instance"] = g["median"] / b["median"] if b and g else None
+    goodput = {(e["profile"], e["dataset"], e["system"]): e["metrics"]["goodput_mb_s"] for e in out}
+    for e in out:
+        g = e["metrics"]["goodput_mb_s"]
+        e["vs_strict_gzip"] = e["vs_old"] = None
+        parts = e["system"].split("-")
+        if len(parts) < 3 or parts[0] not in ("accel", "old") or not g:
+            continue
+        strict = goodput.get((e["profile"], e["dataset"], f"accel-{parts[1]}-gzip-strict"))
+        old = goodput.get((e["profile"], e["dataset"], f"old-{parts[1]}-{parts[2]}")) if parts[0] == "accel" else None
+        e["vs_strict_gzip"] = g["median"] / strict["median"] if strict else None
+        e["vs_old"] = g["median"] / old["median"] if old else None
     return out
+
+
+def _asked(system: str) -> str:
+    """The compression a system asks for (its job JSON names no codec: old tree, or plain)."""
+    parts = system.split("-")
+    if len(parts) >= 3 and parts[0] in ("accel", "old"):
+        return "gzip (strict)" if parts[3:] == ["strict"] else parts[2]
+    return "–"
+
+
+def _max(s: dict | None) -> float | None:
+    return None if s is None else s["max"]
 
 
 def _f(v: float | None, digits: int = 1, scale: float = 1.0) -> str:
@@ -141,6 +180,14 @@ def markdown(results: dict) -> str:
                          f"control {info['congestion']['a']}/{info['congestion']['b']} (a/b)")
         else:
             lines.append(f"- **{name}**: {p.get('note', 'both daemons on 127.0.0.1, no emulation')}")
+    if meta.get("old_tree"):
+        lines.append(f"- old-* systems: daemons started from {meta['old_tree']} (commit "
+                     f"{str(meta.get('old_tree_commit'))[:7]}, code sha256 {str(meta.get('old_code_sha256'))[:12]}), "
+                     "same Python, same link, runs interleaved with ours")
+    for name, p in results["profiles"].items():
+        for key, sha in (p.get("code_sha256") or {}).items():   # fixed when that profile's daemons started
+            lines.append(f"- {name} {key}: daemons started {(p.get('started') or {}).get(key, '?')}, "
+                         f"code sha256 {sha[:12]}")
     if meta.get("daemon_config"):
         lines.append(f"- daemon configuration added: `{json.dumps(meta['daemon_config'])}`")
     for note in results.get("notes", []):
@@ -175,4 +222,78 @@ def markdown(results: dict) -> str:
                 f"{_mm(m['of_limit'], 0, 100)}{'%' if m['of_limit'] else ''} | {_med(m['sender_cpu_s'], 1)} | "
                 f"{_med(m['sender_peak_rss_mib'], 0)} | {_med(m['receiver_cpu_s'], 1)} | "
                 f"{_med(m['receiver_peak_rss_mib'], 0)} | {_med(m['forwarder_cpu_s'], 1)} |")
+    lines += codec_table(results)
+    lines += targets(results)
     return "\n".join(lines) + "\n"
+
+
+def codec_table(results: dict) -> list[str]:
+    """Our systems only (new tree and old tree): goodput, share of the limit, the ratios to the
+    run's strict gzip and to the old tree, CPU per GB and the worst peak RSS of each side."""
+    entries = [e for e in results["summary"] if e["system"].startswith(("accel-", "old-"))]
+    if not entries:
+        return []
+    lines = ["", "## Codecs: new main vs strict gzip vs old main", "",
+             "× strict gzip: goodput / accel-{push,pull}-gzip-strict (same run, profile, direction); "
+             "× old: / old-{push,pull}-{gzip,none} (strict gzip compares with old gzip). CPU s/GB: per GB "
+             "of DICOM moved, medians; RSS: the largest peak over the runs (bound: 300 MB = 286 MiB).", "",
+             "| profile | data | system | codec | ok | goodput MB/s | of limit | ratio | × strict gzip | × old "
+             "| sender CPU s/GB | receiver CPU s/GB | sender RSS MiB (max) | receiver RSS MiB (max) |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in entries:
+        m = e["metrics"]
+        d = results["datasets"][e["dataset"]]
+        data = f"{d['kind']} {d['instances']}"
+        ok = f"{e['ok_runs']}/{e['runs']}"
+        if not e["ok_runs"]:
+            lines.append(f"| {e['profile']} | {data} | {e['system']} | {e['codec']} | {ok} | failed |" + " |" * 8)
+            continue
+        vs = ["–" if v is None else f"{v:.2f}×" for v in (e.get("vs_strict_gzip"), e.get("vs_old"))]
+        lines.append(
+            f"| {e['profile']} | {data} | {e['system']} | {e['codec']} | {ok} | {_mm(m['goodput_mb_s'], 2)} | "
+            f"{_med(m['of_limit'], 0, 100)}{'%' if m['of_limit'] else ''} | {_med(m['compression_ratio'], 2)} | "
+            f"{vs[0]} | {vs[1]} | {_med(m['sender_cpu_s_per_gb'], 1)} | {_med(m['receiver_cpu_s_per_gb'], 1)} | "
+            f"{_f(_max(m['sender_peak_rss_mib']), 0)} | {_f(_max(m['receiver_peak_rss_mib']), 0)} |")
+    return lines
+
+
+def targets(results: dict) -> list[str]:
+    """Issue 12's benchmark targets, checked on the medians of this run (only those it measured)."""
+    by = {(e["profile"], e["system"], results["datasets"][e["dataset"]]["kind"]): e for e in results["summary"]}
+    rows = []
+
+    def check(what: str, value: float | None, bound: float, fmt: str) -> None:
+        if value is not None:
+            rows.append(f"| {what} | {fmt.format(value)} | {fmt.format(bound)} | {'yes' if value >= bound else 'NO'} |")
+
+    for profile in ("20mbit-50ms-0.5loss", "10mbit-100ms-1loss"):
+        for mode in ("push", "pull"):
+            e = by.get((profile, f"accel-{mode}-gzip", "ct")) or by.get((profile, f"accel-{mode}-gzip", "mr"))
+            if e:
+                check(f"{profile} {mode} gzip ({e['codec']}, {results['datasets'][e['dataset']]['kind']}): "
+                      "× strict gzip", e.get("vs_strict_gzip"), 1.35, "{:.2f}×")
+    for mode in ("push", "pull"):
+        for kind in ("ct", "mr"):
+            e = by.get(("100mbit-20ms", f"accel-{mode}-gzip", kind))
+            if e and e["metrics"]["of_limit"]:
+                check(f"100mbit-20ms {mode} gzip ({e['codec']}, {kind}): of limit",
+                      e["metrics"]["of_limit"]["median"] * 100, 90, "{:.0f}%")
+            e = by.get(("100mbit-20ms", f"accel-{mode}-gzip-strict", kind))
+            if e and e["metrics"]["of_limit"]:
+                check(f"100mbit-20ms {mode} gzip-strict ({kind}): of limit",
+                      e["metrics"]["of_limit"]["median"] * 100, 90, "{:.0f}%")
+    for mode in ("push", "pull"):
+        e = by.get(("loopback", f"accel-{mode}-none", "ct"))
+        if e:
+            check(f"loopback ct {mode} none: × old main", e.get("vs_old"), 1.5, "{:.2f}×")
+    worst = [(_max(e["metrics"][f"{role}_peak_rss_mib"]), e["system"], e["profile"])
+             for e in results["summary"] if e["system"].startswith("accel-") for role in ("sender", "receiver")]
+    worst = [w for w in worst if w[0] is not None]
+    if worst:
+        rss, system, profile = max(worst)
+        rows.append(f"| peak RSS, any daemon of ours ({system}, {profile}) | {rss * MIB / 1e6:.0f} MB | ≤ 300 MB | "
+                    f"{'yes' if rss * MIB <= RSS_LIMIT_BYTES else 'NO'} |")
+    if not rows:
+        return []
+    return ["", "## Issue 12 targets (medians of this run)", "", "| target | measured | bound | met |",
+            "|---|---:|---:|---|", *rows]

@@ -4,6 +4,7 @@ on the same study and the same emulated link, in one run.
     python -m bench                      # every profile, the "ct" study, every system, 3 runs
     python -m bench --quick              # 40 CT instances, loopback + 100mbit-20ms, < 3 minutes
     python -m bench --profiles loopback 20mbit-50ms-0.5loss --datasets ct,jpeg --runs 5
+    python -m bench --old-tree /tmp/accel-old    # + old-{push,pull}-{gzip,none} from that tree
 
 For each link profile (``loopback``: both daemons on 127.0.0.1; the others: two network
 namespaces joined by bench/link's forwarder, which needs root) and each dataset, two daemons are
@@ -17,6 +18,13 @@ Dataset sizes: by default each study has its kind's default size (bench/datasets
 instances, small 2000, large 3 x 117 MB, jpeg 80), capped on slow links so that moving it at the
 link's rate takes at most ~75 s (10mbit-100ms-1loss: 170 CT instances; large: 1 instance on
 the 20 and 10 Mbit/s profiles). ``--instances N`` sets every study to N instances.
+
+``--old-tree DIR`` (e.g. ``git worktree add /tmp/accel-old <commit>``) starts a second pair of
+daemons from that source tree on the same link, with the same Python, and adds its systems
+(old-push-gzip, old-pull-gzip, old-push-none, old-pull-none) to every run, interleaved with
+ours: the old figure of the comparison is measured on the same machine load as the new one.
+The profiles run in the order given (daemons are started when their profile begins, so the
+code a profile measures is the tree as it was then: its fingerprint is kept per profile).
 
 Writes results.json, results.md (the table, also printed), goodput.png and progress.png into
 bench/results/<timestamp>/ (or --results-dir). Without root, says why and runs loopback only.
@@ -41,16 +49,16 @@ from bench import plots, report
 from bench.datasets import DEFAULTS, KINDS, ensure_study
 from bench.harness import REPO_ROOT, DaemonError
 from bench.link import PROFILES, EmulatedLink, LinkError, unavailable_reason
-from bench.systems import ABORT, SYSTEMS, RunFailed, Testbed, dcmtk_missing, run_system
+from bench.systems import ABORT, OLD_SYSTEMS, SYSTEMS, RunFailed, Testbed, dcmtk_missing, run_system
 
 DATA_DIR = REPO_ROOT / "bench" / "data"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 LOOPBACK = "loopback"
 ALL_PROFILES = (LOOPBACK, *PROFILES)
 QUICK_PROFILES = (LOOPBACK, "100mbit-20ms")
-QUICK_INSTANCES = {"ct": 40, "small": 300, "large": 1, "jpeg": 80}
+QUICK_INSTANCES = {"ct": 40, "small": 300, "large": 1, "jpeg": 80, "mr": 80}
 #: rough bytes per instance, to size the default studies on slow links
-SIZE_HINT = {"ct": 0.53e6, "small": 25e3, "large": 117.5e6, "jpeg": 155e3}
+SIZE_HINT = {"ct": 0.53e6, "small": 25e3, "large": 117.5e6, "jpeg": 155e3, "mr": 0.135e6}
 BUDGET_S = 75
 
 
@@ -86,13 +94,13 @@ def _tool_version(argv: list[str]) -> str | None:
         return None
 
 
-def code_fingerprint() -> str:
+def code_fingerprint(tree: Path = REPO_ROOT) -> str:
     """SHA-256 of the code under test (accelerator/ and protocol/ sources): the working tree can
     change between two benchmark runs, and results only compare on the same code."""
     h = hashlib.sha256()
     for root in ("accelerator", "protocol"):
-        for path in sorted((REPO_ROOT / root).rglob("*.py")):
-            h.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+        for path in sorted((tree / root).rglob("*.py")):
+            h.update(str(path.relative_to(tree)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -105,7 +113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--profiles", nargs="+", metavar="P", help=f"default: all ({', '.join(ALL_PROFILES)})")
     ap.add_argument("--datasets", nargs="+", metavar="KIND", help=f"comma/space separated among {','.join(KINDS)}; "
                     "default: ct")
-    ap.add_argument("--systems", nargs="+", metavar="S", help="default: all")
+    ap.add_argument("--systems", nargs="+", metavar="S", help="default: all (with --old-tree: and its systems)")
+    ap.add_argument("--old-tree", type=Path, metavar="DIR",
+                    help="a second source tree (e.g. a git worktree of an older commit) whose daemons run the "
+                         f"systems {', '.join(OLD_SYSTEMS)} in the same runs")
     ap.add_argument("--runs", type=int, help="runs per system (default 3; --quick: 2)")
     ap.add_argument("--instances", type=int, help="instances of every study (default: see above)")
     ap.add_argument("--seed", type=int, default=1, help="dataset and link loss seed")
@@ -118,16 +129,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     a.profiles = _split(a.profiles) or list(QUICK_PROFILES if a.quick else ALL_PROFILES)
     a.datasets = _split(a.datasets) or ["ct"]
-    a.systems = _split(a.systems) or list(SYSTEMS)
+    known_systems = SYSTEMS + (OLD_SYSTEMS if a.old_tree else ())
+    a.systems = _split(a.systems) or list(known_systems)
     a.runs = a.runs or (2 if a.quick else 3)
+    if a.old_tree is not None:
+        a.old_tree = a.old_tree.resolve()
+        if not (a.old_tree / "accelerator" / "__main__.py").is_file():
+            ap.error(f"--old-tree {a.old_tree}: no accelerator/__main__.py there")
     for name, values, known in (("profile", a.profiles, ALL_PROFILES), ("dataset", a.datasets, KINDS),
-                                ("system", a.systems, SYSTEMS)):
+                                ("system", a.systems, known_systems)):
         bad = [v for v in values if v not in known]
         if bad:
             ap.error(f"unknown {name}(s) {', '.join(bad)}; known: {', '.join(known)}")
     if a.runs < 1:
         ap.error("--runs must be >= 1")
     return a
+
+
+def _git_head(tree: Path) -> str | None:
+    """The commit a tree is at (its working files may differ: see the fingerprints)."""
+    return _tool_version(["git", "-C", str(tree), "rev-parse", "HEAD"])
 
 
 def _log(msg: str) -> None:
@@ -162,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {"started": started.isoformat(timespec="seconds"), "argv": sys.argv[1:] if argv is None else argv,
                  "quick": a.quick, "runs": a.runs, "seed": a.seed, "cpus": os.cpu_count(),
                  "daemon_config": a.daemon_config, "code_sha256": code_fingerprint(),
+                 "old_tree": str(a.old_tree) if a.old_tree else None,
+                 "old_tree_commit": _git_head(a.old_tree) if a.old_tree else None,
+                 "old_code_sha256": code_fingerprint(a.old_tree) if a.old_tree else None,
+                 "commit": _git_head(REPO_ROOT),
                  "load_start": list(os.getloadavg()), "load_end": None, "duration_s": None,
                  "python": sys.version.split()[0], "platform": platform.platform(),
                  "storescu": _tool_version(["storescu", "--version"]) if not missing else None},
@@ -229,13 +254,23 @@ def _run_dataset(a, results: dict, profile: str, link, kind: str, n: int, work: 
     _log(f"[{profile}] {key}: {len(manifest.files)} instances, {manifest.total_bytes / 1e6:.1f} MB "
          f"(ready in {time.monotonic() - t:.1f} s); starting daemons")
     bed = Testbed(work / f"{profile}-{key}", link, a.daemon_config)
+    old_bed = None
+    if any(s in OLD_SYSTEMS for s in a.systems):
+        old_bed = Testbed(work / f"{profile}-{key}-old", link, a.daemon_config, root=a.old_tree,
+                          avoid_ports=(bed.site_a.port, bed.site_b.port))
+    beds = [b for b in (bed, old_bed) if b is not None]
+    # what the daemons of this profile run: the working tree may change between profiles
+    results["profiles"][profile].setdefault("code_sha256", {})[key] = code_fingerprint()
+    results["profiles"][profile].setdefault("started", {})[key] = datetime.now().isoformat(timespec="seconds")
     try:
-        bed.start()
-        up = bed.upload(manifest)
-        _log(f"[{profile}] {key}: uploaded to a in {up:.1f} s")
+        for b in beds:
+            b.start()
+            up = b.upload(manifest)
+            _log(f"[{profile}] {key}: uploaded to a{' (old tree)' if b is old_bed else ''} in {up:.1f} s")
     except (DaemonError, RunFailed, OSError) as e:
         _log(f"[{profile}] {key}: setup failed: {e}")
-        bed.stop()
+        for b in beds:
+            b.stop()
         for run in range(1, a.runs + 1):
             for system in a.systems:
                 results["runs"].append({"profile": profile, "dataset": key, "system": system, "run": run,
@@ -244,12 +279,14 @@ def _run_dataset(a, results: dict, profile: str, link, kind: str, n: int, work: 
     try:
         for run in range(1, a.runs + 1):
             for system in a.systems:
-                record = {"profile": profile, "dataset": key, "system": system, "run": run}
+                record = {"profile": profile, "dataset": key, "system": system, "run": run,
+                          "time": datetime.now().isoformat(timespec="seconds")}
+                this = old_bed if system in OLD_SYSTEMS else bed
                 try:
-                    if not bed.alive():
+                    if not this.alive():
                         raise RunFailed("a daemon is not running any more: "
-                                        + (bed.site_a.daemon.stderr_tail(600) + bed.site_b.daemon.stderr_tail(600)))
-                    out = run_system(bed, system, manifest, ids, study_id,
+                                        + (this.site_a.daemon.stderr_tail(600) + this.site_b.daemon.stderr_tail(600)))
+                    out = run_system(this, system, manifest, ids, study_id,
                                      work / f"{profile}-{key}" / "runs" / f"{system}-{run}", timeout)
                     record.update(out, ok=True, error=None)
                     record["metrics"] = report.derive(record, manifest.total_bytes, rate)
@@ -268,7 +305,8 @@ def _run_dataset(a, results: dict, profile: str, link, kind: str, n: int, work: 
         ABORT.set()          # e.g. Ctrl-C: the hosts' threads stop waiting, so bed.stop() can run
         raise
     finally:
-        bed.stop()
+        for b in beds:
+            b.stop()
     return True
 
 

@@ -12,6 +12,13 @@ Systems (all move the same study from a to b):
 
 - ``accel-push-{gzip,none}``: a runs ``POST /transfers/send`` to peer b (PushTransfer job);
 - ``accel-pull-{gzip,none}``: b runs ``POST /transfers/pull`` from peer a (PullTransfer job);
+  between two of our daemons "gzip" travels as the negotiated codec (shuffle-zstd), which the
+  job's Content names ("Codec", kept in the run's record);
+- ``accel-{push,pull}-gzip-strict``: the same with ``"StrictCompression": true``: plain gzip, what
+  a real plugin gets, and the "current gzip" baseline the negotiated codec is measured against;
+- ``old-{push,pull}-{gzip,none}`` (``Testbed(root=...)``, bench ``--old-tree``): the same
+  transfers between two daemons started from another source tree, e.g. a ``git worktree`` of
+  the morning's main, on the same link in the same run: "today's figure" for the comparison;
 - ``per-instance-http``: what Orthanc's ``/peers/{peer}/store`` does, one ``POST /instances``
   per instance, sequentially, over one kept-alive connection; a small client process in host a
   (``python -m bench.systems post-instances``) reading the study's files;
@@ -50,11 +57,13 @@ from bench.datasets import StudyManifest
 from bench.harness import REPO_ROOT, Daemon, free_port
 from bench.netns import NsThread, listening
 
-__all__ = ["ABORT", "ACCEL_SYSTEMS", "SYSTEMS", "RunFailed", "Testbed", "dcmtk_missing", "run_system"]
+__all__ = ["ABORT", "ACCEL_SYSTEMS", "OLD_SYSTEMS", "SYSTEMS", "RunFailed", "Testbed", "dcmtk_missing", "run_system"]
 
-SYSTEMS = ("accel-push-gzip", "accel-push-none", "accel-pull-gzip", "accel-pull-none",
-           "per-instance-http", "dcmtk-cstore")
-ACCEL_SYSTEMS = SYSTEMS[:4]
+SYSTEMS = ("accel-push-gzip", "accel-push-gzip-strict", "accel-push-none", "accel-pull-gzip",
+           "accel-pull-gzip-strict", "accel-pull-none", "per-instance-http", "dcmtk-cstore")
+ACCEL_SYSTEMS = tuple(s for s in SYSTEMS if s.startswith("accel-"))
+#: run by the daemons of the other tree (``--old-tree``); "gzip" there is whatever that tree did
+OLD_SYSTEMS = ("old-push-gzip", "old-push-none", "old-pull-gzip", "old-pull-none")
 DCMTK_ENV = {"TCP_NODELAY": "1"}
 #: set when the bench is interrupted: waiting loops in the hosts' threads give up at once
 ABORT = threading.Event()
@@ -100,9 +109,9 @@ class Host:
 class Site:
     """A host's daemon and an HTTP client to it that is only ever used from the host's thread."""
 
-    def __init__(self, host: Host, config: dict, workdir: Path):
+    def __init__(self, host: Host, config: dict, workdir: Path, root: Path | None = None):
         self.host = host
-        self.daemon = Daemon(config, workdir, prefix=tuple(host.argv([])), start_timeout=60)
+        self.daemon = Daemon(config, workdir, prefix=tuple(host.argv([])), start_timeout=60, root=root)
         self.client: httpx.Client | None = None
 
     @property
@@ -147,28 +156,40 @@ def _merged(base: dict, extra: dict) -> dict:
 
 
 class Testbed:
-    """Hosts a and b with their daemons, on an EmulatedLink (``link``) or on loopback (None)."""
+    """Hosts a and b with their daemons, on an EmulatedLink (``link``) or on loopback (None).
 
-    def __init__(self, workdir: Path, link=None, extra_config: dict | None = None):
+    ``root``: the source tree the two daemons run (default: this one). Two testbeds can share a
+    link (one per tree, so their runs interleave); ``avoid_ports`` keeps the second one's ports
+    off the first one's, since both daemons of a side then live in the same namespace."""
+
+    def __init__(self, workdir: Path, link=None, extra_config: dict | None = None, root: Path | None = None,
+                 avoid_ports: tuple[int, ...] = ()):
         self.link = link
+        self.root = root
         self.workdir = Path(workdir)
         ns_a, ns_b = (link.ns_a, link.ns_b) if link else (None, None)
         addr_a, addr_b = (link.addr_a, link.addr_b) if link else ("127.0.0.1", "127.0.0.1")
         self.a = Host("a", ns_a, addr_a, NsThread(ns_a, "host-a"))
         self.b = Host("b", ns_b, addr_b, NsThread(ns_b, "host-b"))
         # In a namespace every port is free; on loopback the two daemons need different ones.
-        port_a = free_port()
-        port_b = free_port()
-        while port_b == port_a:
-            port_b = free_port()
+        taken = set(avoid_ports)
+        ports = []
+        for _ in range(100):                      # bounded: free ports are plenty
+            p = free_port()
+            if p not in taken:
+                taken.add(p)
+                ports.append(p)
+            if len(ports) == 2:
+                break
+        port_a, port_b = ports
         bind = "0.0.0.0" if link else "127.0.0.1"
         common = {"HttpBindAddress": bind, "RemoteAccessAllowed": True, "AuthenticationEnabled": False}
         config_a = {**common, "Name": "bench-a", "HttpPort": port_a,
                     "OrthancPeers": {"b": [f"http://{addr_b}:{port_b}/"]}}
         config_b = {**common, "Name": "bench-b", "HttpPort": port_b,
                     "OrthancPeers": {"a": [f"http://{addr_a}:{port_a}/"]}}
-        self.site_a = Site(self.a, _merged(config_a, extra_config or {}), self.workdir / "a")
-        self.site_b = Site(self.b, _merged(config_b, extra_config or {}), self.workdir / "b")
+        self.site_a = Site(self.a, _merged(config_a, extra_config or {}), self.workdir / "a", root)
+        self.site_b = Site(self.b, _merged(config_b, extra_config or {}), self.workdir / "b", root)
 
     def start(self) -> Testbed:
         try:
@@ -241,9 +262,11 @@ def _poll_interval(elapsed: float) -> float:
 
 
 def _accel(bed: Testbed, system: str, manifest: StudyManifest, study_id: str, timeout: float) -> dict:
-    _, mode, compression = system.split("-")
+    _, mode, compression, *flags = system.split("-")     # accel|old, push|pull, gzip|none, [strict]
     site, peer, route = (bed.site_a, "b", "send") if mode == "push" else (bed.site_b, "a", "pull")
     body = {"Peer": peer, "Resources": [{"Level": "Study", "ID": study_id}], "Compression": compression}
+    if "strict" in flags:
+        body["StrictCompression"] = True
 
     def go() -> dict:
         c = site.client
@@ -270,7 +293,8 @@ def _accel(bed: Testbed, system: str, manifest: StudyManifest, study_id: str, ti
         return {"wall_s": t, "progress": samples, "job": {
             "id": job_id, "type": j.get("Type"), "effective_runtime_s": j.get("EffectiveRuntime"),
             "content": {k: content.get(k) for k in ("TotalInstances", "TotalSizeMB", "CompletedHttpQueries",
-                                                    "UploadedSizeMB", "DownloadedSizeMB") if k in content}}}
+                                                    "UploadedSizeMB", "DownloadedSizeMB", "Codec")
+                        if k in content}}}
 
     out = site.host.call(go)
     out["sender"], out["receiver"] = "daemon-a", "daemon-b"
@@ -568,7 +592,7 @@ def run_system(bed: Testbed, system: str, manifest: StudyManifest, ids: list[str
         _rss_reset(site.daemon.pid)
     before = {name: site.usage()[0] for name, site in daemons.items()}
     stats0 = bed.link.stats() if bed.link else None
-    if system in ACCEL_SYSTEMS:
+    if system in ACCEL_SYSTEMS or system in OLD_SYSTEMS:
         out = _accel(bed, system, manifest, study_id, timeout)
     elif system == "per-instance-http":
         out = _per_instance(bed, manifest, workdir, timeout)
