@@ -338,12 +338,6 @@ class PushReceiver:
         started = time.monotonic()
         bad = tx.assembly.settle(self.commit_threads)
         if bad:
-            # Their buckets count as not landed any more: the instance is checked again only
-            # once all of them have come again, never with one of the bad old ones left in.
-            again = tx.assembly.refetch(bad)
-            tx.log.again(again)
-            with self._lock:
-                tx.landed -= again
             shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
             raise CorruptedFile(f"Bad MD5 sum in {len(bad)} transferred DICOM instance(s): {shown}")
         try:

@@ -201,13 +201,7 @@ async def test_a_commit_reports_an_instance_that_failed_its_background_check(app
         answer = await client.post(f"{path}/commit")
         assert answer.status_code == 500 and "Bad MD5" in answer.json()["Details"]
         assert (await client.get("/instances")).json() == []
-        # A failed check un-lands every bucket of the instance (which one was bad is unknown):
-        # it is checked again only once all have come again, as our pusher sends them.
-        assert (await client.put(f"{path}/1", content=payloads[1])).status_code == 200
-        again = await client.post(f"{path}/commit")
-        assert again.status_code == 500 and "Bad MD5" in again.json()["Details"]
-        assert (await client.put(f"{path}/0", content=payloads[0])).status_code == 200
-        assert (await client.put(f"{path}/1", content=payloads[1])).status_code == 200
+        assert (await client.put(f"{path}/1", content=payloads[1])).status_code == 200  # fixed
         assert (await client.post(f"{path}/commit")).status_code == 200
         (instance_id, data), = files.items()
         assert (await client.get(f"/instances/{instance_id}/file")).content == data
