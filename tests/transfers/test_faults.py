@@ -366,8 +366,10 @@ def test_push_resends_the_buckets_a_failed_commit_names(proxied_pair):
     assert ("PUT", "corrupt_request") in {(m, k) for m, _, _, k in proxy.faults()}
     assert job["State"] == "Success", job
     tx = next(e.path for e in requests_of(proxy, "PUT", PUSH)).rsplit("/", 1)[0]
-    assert proxy.count("PUT", f"{tx}/3") == 2  # sent again after the refused commit
-    assert proxy.count("POST", f"{tx}/commit") == 2
+    # Sent again after the refused commit; once more at most when the bucket re-sent with it
+    # completed the instance first and its background check ran with the bad bytes still in.
+    assert proxy.count("PUT", f"{tx}/3") in (2, 3)
+    assert proxy.count("POST", f"{tx}/commit") == proxy.count("PUT", f"{tx}/3")
     assert proxy.count("POST", "/transfers/push") == 1  # same transaction
     assert pair.b.md5s() == {u["ID"]: pair.a.md5s()[u["ID"]] for u in uploaded}
     wait_until(lambda: push_transactions(pair) == [], what="transaction removed on B")
