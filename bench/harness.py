@@ -48,7 +48,7 @@ def process_usage(pid: int, *, include_descendants: bool = False) -> tuple[float
     With ``include_descendants`` the live children (e.g. worker processes) are added: CPU summed,
     peak RSS summed too (an upper bound, since their peaks need not coincide).
     """
-    pids = [pid] + (_descendants(pid) if include_descendants else [])
+    pids = [pid] + (descendants(pid) if include_descendants else [])
     cpu, rss = 0.0, 0
     for p in pids:
         try:
@@ -68,7 +68,8 @@ def process_usage(pid: int, *, include_descendants: bool = False) -> tuple[float
     return cpu, rss
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """The live descendants of ``pid`` (read from /proc)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

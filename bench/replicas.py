@@ -70,7 +70,7 @@ import httpx
 
 from bench.chunks import Md5Checker, check_lookup, lookup, pull
 from bench.datasets import StudyManifest, ensure_study
-from bench.harness import REPO_ROOT, Daemon, DaemonError, free_port
+from bench.harness import REPO_ROOT, Daemon, DaemonError, descendants, free_port
 from bench.ingest import upload_all
 from protocol.planner import plan_pull_buckets
 
@@ -90,30 +90,9 @@ RUN_TIMEOUT = 900.0       # seconds an HTTP phase may take at most (client timeo
 # Resource use from /proc
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
 def tree(pid: int) -> list[int]:
     """``pid`` and its live descendants."""
-    children, out, todo = _children_map(), [pid], [pid]
-    for _ in range(100_000):          # bounded: a process tree is finite, /proc may race
-        if not todo:
-            break
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
+    return [pid] + descendants(pid)
 
 
 def tree_usage(pid: int) -> tuple[float, int]:

@@ -103,11 +103,7 @@ async def post_md5s(request: Request) -> Response:
             isinstance(i, str) and len(i) <= _ID_LENGTH for i in ids):
         raise BadRequest(f'The body must be {{"Instances": [...]}}, at most {MAX_IDS} Orthanc IDs')
     settled = body.get("Settled", False) is True
-    holder = _holder(request)
-    if isinstance(holder, LocalStore):
-        found = await holder.md5s(ids)
-    else:
-        found = await holder.md5s(ids, settled=settled)
+    found = await _holder(request).md5s(ids, settled=settled)
     return json_answer({"Instances": found}, compact=True)
 
 

@@ -66,7 +66,8 @@ class LocalStore:
                 pass
         return found
 
-    async def md5s(self, instance_ids: Iterable[str]) -> dict[str, str]:
+    async def md5s(self, instance_ids: Iterable[str], *, settled: bool = False) -> dict[str, str]:
+        """What our store holds (`settled` changes nothing: what it holds, it holds for good)."""
         return await to_thread.run_sync(self._md5s, list(instance_ids))
 
     async def write(self, instance_id: str, data: bytes) -> None:

@@ -17,7 +17,6 @@ import anyio
 import pytest
 from anyio import to_thread
 
-from accelerator.api.app import create_app, open_store
 from accelerator.store import FileToIngest
 from accelerator.store.storage import FileSystemStorage
 from accelerator.store.store import Store
@@ -27,7 +26,7 @@ from accelerator.transfers.pull import Plan, _Download
 from protocol.chunks import scatter_ranges
 from protocol.messages import Chunk, InstanceInfo, PushTransaction
 from tests.api.test_transfers import _study
-from tests.conftest import asgi_client
+from tests.transfers.test_receiver import app_client  # noqa: F401 - the fixture
 
 
 @contextlib.contextmanager
@@ -140,25 +139,9 @@ def test_a_discarded_download_area_does_not_break_the_verifier(tmp_path):
 
 # -- the push receiver -------------------------------------------------------------------------
 
-@pytest.fixture
-def app_and_client(make_config):
-    stores = []
-
-    def make(options=None):
-        config = make_config(options)
-        store = open_store(config)
-        stores.append(store)
-        app = create_app(config, store)
-        return app, asgi_client(app)
-
-    yield make
-    for store in stores:
-        store.close()
-
-
 @pytest.mark.anyio
-async def test_a_put_is_answered_before_its_instances_are_verified_and_the_commit_waits(app_and_client):
-    app, client = app_and_client()
+async def test_a_put_is_answered_before_its_instances_are_verified_and_the_commit_waits(app_client):
+    app, client = app_client()
     files = _study(2)
     infos, buckets, payloads = _plan(files)
     plan = PushTransaction(tuple(infos), tuple(buckets), "none")
@@ -189,8 +172,8 @@ async def test_a_put_is_answered_before_its_instances_are_verified_and_the_commi
 
 
 @pytest.mark.anyio
-async def test_a_commit_reports_an_instance_that_failed_its_background_check(app_and_client):
-    app, client = app_and_client()
+async def test_a_commit_reports_an_instance_that_failed_its_background_check(app_client):
+    app, client = app_client()
     files = _study(1)
     infos, buckets, payloads = _plan(files)
     plan = PushTransaction(tuple(infos), tuple(buckets), "none")
