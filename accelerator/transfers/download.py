@@ -22,9 +22,10 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 from accelerator.store import FileToIngest
 from accelerator.store.dicom import parse_file
@@ -131,6 +132,41 @@ class DownloadArea:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+class _Spool:
+    """The decoded bytes of a bucket until it is complete: the blocks as they came (no copy) up
+    to `in_memory` bytes, the rest in a temporary file of the area's folder. A
+    SpooledTemporaryFile copied every byte in and out of its buffer while holding the GIL."""
+
+    def __init__(self, in_memory: int, folder: Path):
+        self.in_memory, self.folder = in_memory, folder
+        self.kept: list[bytes] = []
+        self.size = 0
+        self.file: BinaryIO | None = None
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.file is None and self.size + len(data) > self.in_memory:
+            self.file = tempfile.TemporaryFile(dir=self.folder)
+        if self.file is None:
+            self.kept.append(data)
+        else:
+            self.file.write(data)
+        self.size += len(data)
+
+    def blocks(self) -> Iterator[bytes]:
+        yield from self.kept
+        if self.file is not None:
+            self.file.seek(0)
+            while block := self.file.read(_BLOCK):
+                yield block
+
+    def close(self) -> None:
+        self.kept = []
+        if self.file is not None:
+            self.file.close()
+
+
 class PayloadWriter:
     """Feed the wire payload of one bucket as it arrives; `finish` checks its exact size.
 
@@ -148,7 +184,7 @@ class PayloadWriter:
                  expected_size: int, *, spool: bool = True):
         self.area = area
         self.decoder = stream_decoder(compression, expected_size)
-        self.spool = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, dir=area.folder) if spool else None
+        self.spool = _Spool(SPOOL_IN_MEMORY, area.folder) if spool else None
         self.ranges = list(ranges)
         self.index = 0  # current range
         self.done_in_range = 0
@@ -173,8 +209,7 @@ class PayloadWriter:
             self.decoder.finish()
             if self.spool is not None:
                 self.skip = frozenset(skip)
-                self.spool.seek(0)
-                while block := self.spool.read(_BLOCK):
+                for block in self.spool.blocks():
                     self._scatter(block)
         finally:
             self.close()
