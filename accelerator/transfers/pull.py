@@ -61,7 +61,7 @@ from protocol.messages import (
     parse_bucket,
     size_mb,
 )
-from protocol.planner import adaptive_bucket_size, bucket_count_bound, plan_pull_buckets
+from protocol.planner import adaptive_bucket_size, bucket_count_bound, plan_pull_buckets, taper
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,9 @@ class PullDriver:
                                      f"the plan at a bucket size of {size} bytes (Transfers.BucketSize)")
         # The plan (URL lengths) is the plugin's for the compression asked: the same buckets
         # whatever the codec; our own server takes the few characters more of a codec's URI.
-        plan = Plan(instances, plan_pull_buckets(instances, size, base_url, query.compression),
+        # With adaptive sizes, its last round is also cut finer (`taper`).
+        buckets = plan_pull_buckets(instances, size, base_url, query.compression)
+        plan = Plan(instances, taper(buckets, self.threads) if self.adaptive else buckets,
                     codec=codec or query.compression)
         return plan, plan.to_state()
 

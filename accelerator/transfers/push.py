@@ -41,7 +41,7 @@ from protocol.messages import (
     parse_bucket,
     size_mb,
 )
-from protocol.planner import adaptive_bucket_size, plan_push_buckets
+from protocol.planner import adaptive_bucket_size, plan_push_buckets, taper
 
 log = logging.getLogger(__name__)
 _ID = re.compile(r"[0-9a-f]{8}(?:-[0-9a-f]{8}){4}")
@@ -140,6 +140,8 @@ class PushDriver:
         total = sum(i.size for i in instances)
         size = adaptive_bucket_size(total, self.bucket_size, self.threads) if self.adaptive else self.bucket_size
         buckets = plan_push_buckets(instances, size)
+        if self.adaptive:
+            buckets = taper(buckets, self.threads)
         state = {"instances": [i.to_json() for i in instances], "buckets": [bucket_to_json(b) for b in buckets],
                  "transaction": None, "cookie": None, "done": [], "sent": 0}
         await ctx.save(state, content={"TotalInstances": len(instances),

@@ -10,12 +10,15 @@ from hypothesis import strategies as st
 
 from protocol.chunks import chunk_uri
 from protocol.messages import Chunk, InstanceInfo, bucket_size, bucket_to_json
+from protocol.chunks import resolve_ranges
 from protocol.planner import (
     MAX_PULL_URL_LENGTH,
+    MIN_TAPERED_PIECE,
     bucket_count_bound,
     plan_buckets,
     plan_pull_buckets,
     plan_push_buckets,
+    taper,
 )
 
 T = 4 * 1024 * 1024
@@ -288,3 +291,69 @@ def test_adaptive_bucket_size_only_shrinks_small_transfers():
     total = sum(size for _, size in sizes)
     buckets = plan_push_buckets(sizes, adaptive_bucket_size(total, T, 12))
     assert len(buckets) >= 12 * 4
+
+
+# --------------------------------------------------------------------------- the tapered last round
+
+def _pieces_are_contiguous_and_served_right(sizes, piece):
+    """A piece reads, through the chunk server's rules, exactly its own chunks: only its first
+    chunk may start inside an instance, only its last may stop inside one."""
+    assert piece and all(c.size > 0 for c in piece)
+    for c in piece[1:]:
+        assert c.offset == 0
+    for c in piece[:-1]:
+        assert c.offset + c.size == sizes[c.instance_id]
+    served = resolve_ranges([(c.instance_id, sizes[c.instance_id]) for c in piece], piece[0].offset,
+                            bucket_size(piece))
+    assert [(r.instance_id, r.start, r.length) for r in served] == [(c.instance_id, c.offset, c.size) for c in piece]
+
+
+@settings(max_examples=100, deadline=None)
+@given(plans(pull=True), st.integers(0, 20), st.integers(1, 6))
+def test_a_tapered_plan_keeps_its_head_and_covers_every_byte_once(case, workers, pieces):
+    sizes, threshold, plan, pull = case
+    tapered = taper(plan, workers, pieces, min_piece=1)
+    tail = min(workers, len(plan) // 2)
+    assert tapered[: len(plan) - tail] == plan[: len(plan) - tail]
+    cut = tapered[len(plan) - tail:]
+    # Pieces only split chunks: the same bytes in the same order, nothing dropped or repeated.
+    assert _glued(c for b in cut for c in b) == _glued(c for b in plan[len(plan) - tail:] for c in b)
+    assert tail <= len(cut) <= tail * pieces
+    base, compression = pull
+    for piece in cut:
+        _pieces_are_contiguous_and_served_right(sizes, piece)
+        assert len(base + chunk_uri(piece, compression)) < MAX_PULL_URL_LENGTH + 60  # as long as its bucket's at most
+
+
+def _glued(chunks):
+    """Chunks with the consecutive ranges of one instance joined."""
+    out = []
+    for c in chunks:
+        if out and out[-1].instance_id == c.instance_id and out[-1].offset + out[-1].size == c.offset:
+            last = out.pop()
+            c = Chunk(c.instance_id, last.offset, last.size + c.size)
+        out.append(c)
+    return out
+
+
+def test_taper_cuts_the_last_round_in_four():
+    """The bench's CT study: 300 instances of 530 kB, 12 workers: the last 12 of 60 buckets are
+    cut in four, and the pieces are about a quarter of a bucket."""
+    sizes = {f"{i:08x}-00000000-00000000-00000000-00000000": 530_000 for i in range(300)}
+    plan = plan_pull_buckets(sizes, 2_200_000, LOCAL, "gzip")
+    tapered = taper(plan, 12)
+    assert len(plan) == 60 and len(tapered) == 48 + 12 * 4
+    assert all(bucket_size(b) in range(bucket_size(plan[-1]) // 4 - 1, 700_000) for b in tapered[48:])
+
+
+def test_taper_leaves_small_plans_and_small_buckets_alone():
+    sizes = {f"{i:08x}-00000000-00000000-00000000-00000000": 100_000 for i in range(4)}
+    plan = plan_push_buckets(sizes, 150_000)
+    assert len(plan) == 2
+    tapered = taper(plan, 12)  # only the last bucket (half the plan), in pieces of >= 64 KiB
+    assert tapered[0] == plan[0] and [bucket_size(b) for b in tapered[1:]] == [66_666, 66_667, 66_667]
+    assert taper(plan, 0) == plan
+    assert taper(plan, 12, pieces=1) == plan
+    tiny = {f"{i:08x}-00000000-00000000-00000000-00000000": MIN_TAPERED_PIECE for i in range(8)}
+    plan = plan_push_buckets(tiny, MIN_TAPERED_PIECE)
+    assert taper(plan, 4) == plan  # a piece would be below MIN_TAPERED_PIECE
