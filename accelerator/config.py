@@ -503,7 +503,8 @@ _TRANSFERS_OPTIONS: tuple[_Option, ...] = (
     # differ from the plugin's, hence off by default). A pull query can also ask for it.
     _Option("SkipStoredInstances", "skip_stored_instances", False, _boolean),
     # Ours: shrink BucketSize for small transfers so every worker gets several buckets (no idle
-    # worker at the end); false = exactly the plugin's plan.
+    # worker at the end), and cut the last round of buckets in four so that the workers finish
+    # together; false = exactly the plugin's plan.
     _Option("AdaptiveBucketSize", "adaptive_bucket_size", True, _boolean),
     # Ours: a push transaction that receives no request for this long is discarded (the plugin
     # sends no DELETE when its push job is canceled); 0 = never.
