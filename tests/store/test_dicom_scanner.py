@@ -137,11 +137,25 @@ def test_every_sample_file_parses_as_with_pydicom(path):
     _same(path.read_bytes())
 
 
-@pytest.mark.parametrize("path", _bench_files(), ids=lambda p: f"{p.parent.parent.name}/{p.name}")
-def test_bench_files_are_scanned_and_parse_as_with_pydicom(path):
-    data = path.read_bytes()
-    assert _scanned(data)
-    _same(data)
+@pytest.fixture(scope="module")
+def bench_files(tmp_path_factory) -> list[Path]:
+    """A few files of each study the bench generated; on a fresh clone, small studies of each
+    kind generated here the same way (real pydicom files, fresh UIDs)."""
+    files = _bench_files()
+    if not files:
+        from bench.datasets import ensure_study
+        root = tmp_path_factory.mktemp("bench-studies")
+        for kind, extra in (("ct", {"matrix": 64}), ("mr", {"matrix": 64}), ("jpeg", {}), ("small", {})):
+            files += ensure_study(kind, root / kind, instances=3, **extra).paths()
+    return files
+
+
+def test_bench_files_are_scanned_and_parse_as_with_pydicom(bench_files):
+    assert len(bench_files) >= 9
+    for path in bench_files:
+        data = path.read_bytes()
+        assert _scanned(data), path
+        _same(data)
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "rtplan.dcm"])
